@@ -1,0 +1,41 @@
+"""Small convolutional network (the seeds' CNN: conv 5×5 → 5 ch, pool, conv 5×5 → 5 ch, pool,
+fc 80 → 20 → outputs on 28×28 inputs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_outputs: int,
+        channels: list[int] = (5, 5),
+        kernel_size: int = 5,
+        fc: list[int] = (20,),
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = input_shape[0]
+        for ch in channels:
+            layers.append(nn.Conv2d(in_ch, int(ch), int(kernel_size), padding=0))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(int(ch)))
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            in_ch = int(ch)
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            width = self.features(torch.zeros(1, *input_shape)).shape[1]
+        fcs: list[nn.Module] = []
+        for h in fc:
+            fcs += [nn.Linear(width, int(h)), nn.ReLU()]
+            width = int(h)
+        self.body = nn.Sequential(self.features, *fcs)
+        self.head = nn.Linear(width, n_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
