@@ -1,0 +1,168 @@
+"""Train a model on a task stream, task after task, and fill the accuracy matrix.
+
+The loop draws mini-batches by indexing device-resident tensors with a seeded permutation; per-step
+losses stay on the device and are read back once per task (no host sync per step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_runner.data.stream import TaskStream, batch_indices
+from cl_runner.methods.base import Method, TrainingData
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    name = cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0) or 0.0)
+    if lr <= 0:
+        raise ValueError(f"optimizer.lr must be > 0, got {lr}")
+    if name == "adam":
+        betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
+        return lambda m: torch.optim.Adam(m.parameters(), lr=lr, betas=betas, weight_decay=wd)
+    momentum = float(cfg.get("momentum", 0.0) or 0.0)
+    return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def task_loss(logits: Tensor, y: Tensor, units: tuple[int, int], sample_units: Tensor | None = None) -> Tensor:
+    """Cross-entropy over the active output units only (multi-head slice / seen-class mask)."""
+    if sample_units is None:
+        lo, hi = units
+        return F.cross_entropy(logits[:, lo:hi], y - lo)
+    unit = torch.arange(logits.shape[1], device=logits.device)
+    active = (unit >= sample_units[:, :1]) & (unit < sample_units[:, 1:])
+    return F.cross_entropy(logits.masked_fill(~active, float("-inf")), y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: TaskStream, trained: int, batch_size: int = 1024) -> list[float]:
+    """Test accuracy on every task after training task ``trained`` (-1: the initial model)."""
+    was_training = model.training
+    model.eval()
+    accs = []
+    for j, task in enumerate(stream):
+        lo, hi = stream.eval_units(trained, j)
+        correct = torch.zeros((), device=task.y_test.device, dtype=torch.long)
+        for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size)):
+            correct += (model(xb)[:, lo:hi].argmax(1) + lo == yb).sum()
+        accs.append(correct.float() / max(len(task.y_test), 1))
+    model.train(was_training)
+    return torch.stack(accs).tolist()  # one host sync per row
+
+
+class TrainerEvents:
+    """What the trainer reports; loggers override what they need."""
+
+    def task_start(self, t: int, name: str, n_steps: int) -> None: ...
+    def progress(self, t: int, step: int, loss: float) -> None: ...
+    def task_end(self, t: int, first_step: int, losses: list[float], penalties: list[float]) -> None: ...
+    def evaluated(self, trained: int, row: list[float]) -> None: ...
+    def consolidated(self, t: int, method: Method) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    matrix: list[list[float]]
+    initial: list[float]
+    steps: int
+    task_names: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        stream: TaskStream,
+        optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        *,
+        batch_size: int,
+        epochs: int = 1,
+        iterations: int | None = None,
+        reset_optimizer: bool = False,
+        eval_batch_size: int = 1024,
+        seed: int = 0,
+        events: TrainerEvents | None = None,
+        progress_every: int = 50,
+    ):
+        self.model, self.method, self.stream = model, method, stream
+        self.make_optimizer = optimizer
+        self.batch_size, self.epochs, self.iterations = batch_size, epochs, iterations
+        self.reset_optimizer, self.eval_batch_size = reset_optimizer, eval_batch_size
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.events = events or TrainerEvents()
+        self.progress_every = progress_every
+
+    def steps_for(self, n: int) -> int:
+        if n == 0:
+            return 0
+        if self.iterations:
+            return int(self.iterations)
+        return int(self.epochs) * math.ceil(n / self.batch_size)
+
+    def run(self) -> TrainResult:
+        model, method, stream, ev = self.model, self.method, self.stream, self.events
+        device = next(model.parameters()).device
+        method.setup(model, stream)
+        optimizer = self.make_optimizer(model)
+        initial = evaluate(model, stream, -1, self.eval_batch_size)
+        ev.evaluated(-1, initial)
+        matrix, global_step = [], 0
+        for t, task in enumerate(stream):
+            if self.reset_optimizer and t > 0:
+                optimizer = self.make_optimizer(model)
+            method.before_task(model, task)
+            data = method.training_data(stream, t)
+            n_steps = self.steps_for(len(data))
+            ev.task_start(t, task.name, n_steps)
+            losses, penalties = self._train_task(data, optimizer, n_steps, device, t)
+            ev.task_end(t, global_step, losses, penalties)
+            global_step += n_steps
+            method.after_task(model, task)
+            ev.consolidated(t, method)
+            row = evaluate(model, stream, t, self.eval_batch_size)
+            matrix.append(row)
+            ev.evaluated(t, row)
+        return TrainResult(matrix, initial, global_step, [task.name for task in stream])
+
+    def _train_task(
+        self, data: TrainingData, optimizer: torch.optim.Optimizer, n_steps: int, device: torch.device, t: int
+    ) -> tuple[list[float], list[float]]:
+        model, method = self.model, self.method
+        losses = torch.zeros(n_steps, device=device)
+        penalties = torch.zeros(n_steps, device=device)
+        strength = method.strength
+        model.train()
+        step = 0
+        while step < n_steps:
+            for idx in batch_indices(len(data), self.batch_size, self.generator, device):
+                su = None if data.sample_units is None else data.sample_units[idx]
+                optimizer.zero_grad(set_to_none=True)
+                loss = task_loss(model(data.x[idx]), data.y[idx], data.units, su)
+                loss.backward()
+                method.after_backward(model)
+                if strength:
+                    penalty = method.penalty(model)
+                    if penalty is not None:
+                        penalty = strength * penalty
+                        penalty.backward()
+                        penalties[step] = penalty.detach()
+                optimizer.step()
+                method.after_step(model)
+                losses[step] = loss.detach()
+                step += 1
+                if step % self.progress_every == 0 or step == n_steps:
+                    self.events.progress(t, step, float(losses[step - 1]))
+                if step >= n_steps:
+                    break
+        return losses.tolist(), penalties.tolist()
