@@ -55,6 +55,11 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     resolve_device(cfg.device)
+    from cl_runner.methods import build_method
+    from cl_runner.trainer import make_optimizer_factory
+
+    make_optimizer_factory(cfg.optimizer)
+    build_method(cfg.method.name, strength, identity(cfg)["method_options"])
 
 
 def resolve_device(name: Any) -> "torch.device":

@@ -1,0 +1,27 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+ROOT = Path(__file__).resolve().parents[1]
+CL_RUN = [sys.executable, "-c", "from cl_runner.app import main; main()"]
+
+
+def compose_config(*overrides: str):
+    """The composed run config, as `cl-run <overrides>` would see it."""
+    with initialize_config_module(config_module="cl_runner.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def cl_run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `cl-run` in a subprocess (same interpreter) and capture its output."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*CL_RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
