@@ -1,0 +1,158 @@
+"""Build a :class:`TaskStream` from a ``benchmark`` config: load the dataset(s) once, move them to
+the device, apply the task transforms as tensor operations, and assign output units per scenario.
+
+Benchmark kinds (``benchmark.kind``):
+
+- ``split``:    one dataset cut into tasks by class (``n_tasks`` × ``classes_per_task``; fixed
+                ``class_order`` or, with ``shuffle_classes``, an order drawn from the seed);
+- ``permuted``: one dataset, ``n_tasks`` fixed pixel permutations drawn from the seed
+                (``permute_first: false`` keeps task 1 unpermuted);
+- ``rotated``:  one dataset, one task per angle in ``angles`` (degrees);
+- ``sequence``: one task per dataset in ``datasets`` (e.g. MNIST then Fashion-MNIST).
+
+Input options for every kind: ``pad`` (zero-pad to a square size, centred), ``normalize`` (null,
+``auto`` = the padded training set's per-channel statistics, or ``{mean: …, std: …}``), and
+``max_train_per_task`` / ``max_test_per_task`` (a seeded subset; for quick tests), and
+``scenarios`` (the scenarios that make sense for the benchmark; others are refused).
+Order of operations: pad → task transform (permutation / rotation) → normalize.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from cl_runner.data import transforms as T
+from cl_runner.data.datasets import RawDataset, load_dataset
+from cl_runner.data.stream import Task, TaskStream, assign_units, label_to_unit
+
+KINDS = ("split", "permuted", "rotated", "sequence")
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _subset(x: Tensor, y: Tensor, limit: int | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    if not limit or limit >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=g)[:limit].to(x.device)
+    return x[idx], y[idx]
+
+
+def _prepare(raw: RawDataset, size: int, device: torch.device) -> RawDataset:
+    return RawDataset(
+        raw.name,
+        T.pad(raw.x_train.to(device), size),
+        raw.y_train.to(device),
+        T.pad(raw.x_test.to(device), size),
+        raw.y_test.to(device),
+        raw.n_classes,
+    )
+
+
+def build_stream(
+    cfg: Mapping[str, Any],
+    scenario: str,
+    seed: int,
+    device: torch.device | str,
+    data_dir: str,
+    download: bool = True,
+) -> TaskStream:
+    device = torch.device(device)
+    kind = _get(cfg, "kind", "split")
+    if kind not in KINDS:
+        raise ValueError(f"benchmark.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    # benchmark.scenarios lists the scenarios that make sense for this benchmark (reasons in its yaml);
+    # checked before any file is read so that a wrong combination fails at once
+    fits = [str(s) for s in _get(cfg, "scenarios", [])]
+    if fits and scenario not in fits:
+        raise ValueError(
+            f"scenario={scenario} does not fit benchmark {_get(cfg, 'name', kind)} (see benchmark.scenarios); "
+            f"choose one of: {', '.join(fits)}"
+        )
+    g = torch.Generator().manual_seed(int(seed))
+    names = list(_get(cfg, "datasets", [])) if kind == "sequence" else [_get(cfg, "dataset", "digits")]
+    if not names:
+        raise ValueError("benchmark.datasets is empty: a sequence benchmark needs at least one dataset")
+    raws = [_prepare(load_dataset(n, data_dir, download, seed), int(_get(cfg, "pad", 0)), device) for n in names]
+    shapes = {tuple(r.x_train.shape[1:]) for r in raws}
+    if len(shapes) != 1:
+        raise ValueError(f"benchmark.datasets have different image shapes {sorted(shapes)}; set benchmark.pad")
+
+    # (name, x_train, y_train, x_test, y_test, classes) per task, before normalization
+    parts: list[tuple[str, Tensor, Tensor, Tensor, Tensor, list[int]]] = []
+    raw = raws[0]
+    all_classes = list(range(raw.n_classes))
+    if kind == "split":
+        n_tasks = int(_get(cfg, "n_tasks", 5))
+        per_task = int(_get(cfg, "classes_per_task", raw.n_classes // n_tasks))
+        order = list(_get(cfg, "class_order", all_classes))
+        if _get(cfg, "shuffle_classes", False):
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        if n_tasks * per_task > len(order):
+            raise ValueError(
+                f"benchmark asks for {n_tasks} tasks × {per_task} classes but {raw.name} has {len(order)} classes"
+            )
+        for t in range(n_tasks):
+            classes = [int(c) for c in order[t * per_task : (t + 1) * per_task]]
+            cls = torch.as_tensor(classes, device=device)
+            tr, te = torch.isin(raw.y_train, cls), torch.isin(raw.y_test, cls)
+            name = f"{raw.name}[{','.join(map(str, classes))}]"
+            parts.append((name, raw.x_train[tr], raw.y_train[tr], raw.x_test[te], raw.y_test[te], classes))
+    elif kind == "permuted":
+        n_pixels = raw.x_train.shape[-1] * raw.x_train.shape[-2]
+        for t in range(int(_get(cfg, "n_tasks", 10))):
+            perm = T.pixel_permutation(n_pixels, g)  # drawn for every task so seeds match either way
+            if t == 0 and not _get(cfg, "permute_first", True):
+                xtr, xte = raw.x_train, raw.x_test
+            else:
+                xtr, xte = T.permute_pixels(raw.x_train, perm), T.permute_pixels(raw.x_test, perm)
+            parts.append((f"{raw.name}-perm{t}", xtr, raw.y_train, xte, raw.y_test, all_classes))
+    elif kind == "rotated":
+        for angle in _get(cfg, "angles", [0, 20, 40, 60, 80]):
+            xtr, xte = T.rotate(raw.x_train, angle), T.rotate(raw.x_test, angle)
+            parts.append((f"{raw.name}-rot{angle:g}", xtr, raw.y_train, xte, raw.y_test, all_classes))
+    else:
+        for r in raws:
+            parts.append((r.name, r.x_train, r.y_train, r.x_test, r.y_test, list(range(r.n_classes))))
+
+    norm = _get(cfg, "normalize", None)
+    if norm == "auto":
+        mean, std = T.channel_stats(torch.cat([r.x_train for r in raws]))
+    elif norm is not None:
+        mean, std = norm["mean"], norm["std"]
+
+    train_units, own_units, n_outputs = assign_units([p[5] for p in parts], scenario)
+    max_train, max_test = _get(cfg, "max_train_per_task"), _get(cfg, "max_test_per_task")
+    tasks = []
+    for t, (name, xtr, ytr, xte, yte, classes) in enumerate(parts):
+        xtr, ytr = _subset(xtr, ytr, max_train, g)
+        xte, yte = _subset(xte, yte, max_test, g)
+        if norm is not None:
+            xtr, xte = T.normalize(xtr, mean, std), T.normalize(xte, mean, std)
+        tasks.append(
+            Task(
+                id=t,
+                name=name,
+                x_train=xtr.contiguous(),
+                y_train=label_to_unit(ytr.cpu(), classes, own_units[t]).to(device),
+                x_test=xte.contiguous(),
+                y_test=label_to_unit(yte.cpu(), classes, own_units[t]).to(device),
+                classes=classes,
+                units=train_units[t],
+                own_units=own_units[t],
+            )
+        )
+    info = {"kind": kind, "datasets": names, "normalize": None if norm is None else {"mean": mean, "std": std}}
+    return TaskStream(
+        name=str(_get(cfg, "name", kind)),
+        scenario=scenario,
+        tasks=tasks,
+        n_outputs=n_outputs,
+        input_shape=tuple(parts[0][1].shape[1:]),
+        info=info,
+    )

@@ -1,0 +1,52 @@
+"""Task transforms as whole-tensor operations on (N, C, H, W) images; applied once per task."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pad(x: Tensor, to: int) -> Tensor:
+    """Zero-pad square images to ``to``×``to``, centred (28→32 adds 2 pixels on each side)."""
+    h, w = x.shape[-2:]
+    if to <= 0 or (h == to and w == to):
+        return x
+    if to < h or to < w:
+        raise ValueError(f"benchmark.pad={to} is smaller than the images ({h}×{w})")
+    top, left = (to - h) // 2, (to - w) // 2
+    return F.pad(x, (left, to - w - left, top, to - h - top))
+
+
+def permute_pixels(x: Tensor, perm: Tensor) -> Tensor:
+    """Apply one fixed permutation to the flattened pixels (all channels alike)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h * w)[:, :, perm.to(x.device)].reshape(n, c, h, w)
+
+
+def pixel_permutation(n_pixels: int, generator: torch.Generator) -> Tensor:
+    return torch.randperm(n_pixels, generator=generator)
+
+
+def normalize(x: Tensor, mean: float | list[float], std: float | list[float]) -> Tensor:
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a batch of images (used for ``normalize: auto``)."""
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def rotate(x: Tensor, degrees: float) -> Tensor:
+    """Rotate images counter-clockwise about their centre, filling with zeros (bilinear).
+    0° (and multiples of 360°) returns the input unchanged."""
+    if float(degrees) % 360 == 0:
+        return x
+    theta = torch.deg2rad(torch.tensor(float(degrees), dtype=torch.float64))
+    cos, sin = torch.cos(theta).item(), torch.sin(theta).item()
+    # affine_grid maps output coordinates to input coordinates: use the inverse rotation
+    mat = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(mat.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
