@@ -1,0 +1,139 @@
+"""Runner overhead benchmark: cl-runner's finetune training loop vs a plain PyTorch loop.
+
+Both train the same MLP with the same batch size, optimizer and number of steps on permuted-MNIST
+data of MNIST size (the real MNIST when ``--data-dir`` holds it, random tensors of the same shape
+otherwise). Runs alternate and the median of ``--repeats`` is reported, as a ratio
+(runner / plain; target ≤ 1.15 on CPU).
+
+    python scripts/bench_runner.py --data-dir ../shared/data            # CPU or GPU (auto)
+    python scripts/bench_runner.py --device cpu --steps 300 --repeats 3  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cl_runner.data.stream import Task, TaskStream
+from cl_runner.methods.finetune import Finetune
+from cl_runner.models.mlp import MLP
+from cl_runner.trainer import Trainer, evaluate
+
+
+def permuted_mnist_stream(data_dir: str | None, n_tasks: int, device: torch.device) -> tuple[TaskStream, str]:
+    """The runner's own permuted-MNIST stream when MNIST is on disk, else same-shaped random data."""
+    if data_dir and (Path(data_dir) / "MNIST" / "raw").exists():
+        from cl_runner.data.benchmarks import build_stream
+
+        cfg = {"name": "permuted_mnist", "kind": "permuted", "dataset": "mnist", "n_tasks": n_tasks}
+        return build_stream(cfg, "domain", 0, device, data_dir, download=False), "MNIST (real)"
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for t in range(n_tasks):
+        x = torch.rand(60000, 1, 28, 28, generator=g).to(device)
+        y = torch.randint(0, 10, (60000,), generator=g).to(device)
+        tasks.append(Task(t, f"rand{t}", x, y, x[:10000], y[:10000], list(range(10)), (0, 10), (0, 10)))
+    return TaskStream("random", "domain", tasks, 10, (1, 28, 28)), "random tensors of MNIST shape"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(x, y, hidden, steps, batch_size, lr, device) -> float:
+    """What a researcher would write by hand: tensors in memory, randperm, index, step."""
+    torch.manual_seed(0)
+    model = MLP(tuple(x.shape[1:]), 10, hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    sync(device)
+    start = time.perf_counter()
+    step = 0
+    while step < steps:
+        perm = torch.randperm(len(y), generator=g).to(device)
+        for idx in perm.split(batch_size):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    sync(device)
+    return time.perf_counter() - start
+
+
+def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, float]:
+    """cl-runner's Trainer on one task: (training-loop seconds, evaluation seconds)."""
+    torch.manual_seed(0)
+    model = MLP(stream.input_shape, stream.n_outputs, hidden).to(device)
+    one = TaskStream(stream.name, stream.scenario, stream.tasks[:1], stream.n_outputs, stream.input_shape)
+    trainer = Trainer(
+        model,
+        Finetune(),
+        one,
+        lambda m: torch.optim.Adam(m.parameters(), lr=lr),
+        batch_size=batch_size,
+        iterations=steps,
+        seed=0,
+    )
+    trainer.method.setup(model, one)
+    opt = trainer.make_optimizer(model)
+    data = trainer.method.training_data(one, 0)
+    sync(device)
+    start = time.perf_counter()
+    trainer._train_task(data, opt, steps, device, 0)  # includes reading the losses back once
+    sync(device)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluate(model, stream, 0)
+    sync(device)
+    return train_s, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[400, 400])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tasks", type=int, default=2, help="tasks in the stream (evaluation covers all)")
+    args = ap.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    start = time.perf_counter()
+    stream, source = permuted_mnist_stream(args.data_dir, args.tasks, device)
+    sync(device)
+    build_s = time.perf_counter() - start
+    x, y = stream[0].x_train, stream[0].y_train
+    common = dict(hidden=args.hidden, steps=args.steps, batch_size=args.batch_size, lr=1e-3, device=device)
+
+    plain_loop(x, y, **{**common, "steps": 20})  # warm-up (allocator, kernels)
+    runner_loop(stream, **{**common, "steps": 20})
+    plain, runner, evals = [], [], []
+    for _ in range(args.repeats):
+        plain.append(plain_loop(x, y, **common))
+        r, e = runner_loop(stream, **common)
+        runner.append(r)
+        evals.append(e)
+    p, r, e = statistics.median(plain), statistics.median(runner), statistics.median(evals)
+    n_test = sum(len(t.y_test) for t in stream)
+    print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
+    print(f"data: {source}; {len(stream)} tasks built and moved to the device in {build_s:.2f}s")
+    print(f"model: MLP {x[0].numel()}-{'-'.join(map(str, args.hidden))}-10, Adam, batch {args.batch_size}, {args.steps} steps, median of {args.repeats}")
+    print(f"plain PyTorch loop : {p:.3f}s  ({1000 * p / args.steps:.2f} ms/step)")
+    print(f"cl-runner Trainer  : {r:.3f}s  ({1000 * r / args.steps:.2f} ms/step)")
+    print(f"ratio runner/plain : {r / p:.3f}  (target <= 1.15)")
+    print(f"evaluation of {n_test} test images on {len(stream)} tasks: {e:.3f}s")
+
+
+if __name__ == "__main__":
+    main()
