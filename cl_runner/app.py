@@ -95,9 +95,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         pass
     method_options = {}
     if isinstance(cfg.get("method"), DictConfig):
-        method_options = {
-            k: OmegaConf.to_container(cfg.method, resolve=True)[k] for k in cfg.method if k not in ("name", "lambda")
-        }
+        resolved = OmegaConf.to_container(cfg.method, resolve=True)
+        method_options = {k: v for k, v in resolved.items() if k not in ("name", "lambda")}
     return {
         "method": get("method.name"),
         "lambda": get("lambda"),
@@ -136,6 +135,10 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(device)
     ident = identity(cfg)
     method = build_method(cfg.method.name, cfg.get("lambda"), ident["method_options"])
+    hparams = {k: ident[k] for k in ("method", "benchmark", "scenario", "seed", "model", "optimizer")}
+    hparams["lambda"] = method.strength if method.uses_strength else None
+    hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})
+    hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
     console_log = ConsoleLogger(console)
     tb = TensorBoardLogger(out_dir / "tb", len(stream), cfg.log_every)
     try:
@@ -157,7 +160,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
             "status": "ok",
             "error": None,
             **ident,
-            "lambda": method.strength if method.uses_strength else None,
+            "lambda": hparams["lambda"],
             **all_metrics(res.matrix, res.initial),
             "accuracy_matrix": res.matrix,
             "initial_accuracy": res.initial,
@@ -168,10 +171,10 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
         }
         write_result_files(out_dir, result)
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        hparams = {k: result[k] for k in ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer")}
-        hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})
-        hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
         tb.final(result, hparams)
+    except BaseException:
+        tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
+        raise
     finally:
         tb.close()
     console_log.final(result)

@@ -97,6 +97,9 @@ class TensorBoardLogger(TrainerEvents):
         metrics = {k: result[k] for k in METRIC_NAMES if result[k] is not None}
         self.extras.write_hparams(self.writer, hparams, metrics)
 
+    def failed(self, hparams: dict[str, Any]) -> None:
+        self.extras.write_hparams(self.writer, hparams, {}, status="failed")
+
     def close(self) -> None:
         self.writer.close()
 
