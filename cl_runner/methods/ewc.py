@@ -1,0 +1,71 @@
+"""EWC, Elastic Weight Consolidation (Kirkpatrick et al. 2017, eq. 3), one penalty per past task:
+
+    L(θ) = L_t(θ) + λ · s · Σ_{k<t} Σ_i F_k,i (θ_i − θ*_k,i)²,    s = ½ if ``half`` else 1
+
+- θ*_k: the parameters at the end of task k; F_k: the diagonal Fisher computed right then, at
+  θ*_k, on task k's training data (all of it, or a seeded subset of ``fisher_samples``).
+- Memory grows with the number of tasks: one anchor and one Fisher (each the size of the model)
+  per past task are kept (online EWC keeps one). The per-step cost does not grow: the terms are
+  merged into one quadratic with the same value and gradient (``regularizer.QuadraticPenalty``).
+- Fisher (``cl_runner.methods.per_sample.fisher_diagonal``): mean over samples of *per-sample*
+  squared gradients of log p(ŷ|x) (never a squared mini-batch gradient), p = softmax over the
+  task's active units ``task.units`` (its head in task-IL, the seen classes in class-IL), in eval
+  mode. ``fisher_labels`` picks ŷ: ``true`` = dataset label (empirical Fisher), ``pred`` = the
+  model's argmax (Hsu et al.; van de Ven & Tolias), ``sample`` = a draw from p(·|x), ``all`` = the
+  exact expectation Σ_c p(c|x) (∂ log p(c|x)/∂θ)².
+- Defaults: half=true (Kirkpatrick's and van de Ven's λ/2; Hsu et al. use half=false),
+  fisher_labels=pred, all training samples. ``fisher_batch`` bounds the per-sample gradients held
+  in memory at once by the ``torch.func`` path (for ``all``: fisher_batch // K samples × K
+  classes); Linear-only models take an exact closed form that holds none (see per_sample.py).
+- ``importance()``: the latest task's Fisher.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cl_runner.data.stream import Task
+from cl_runner.methods.base import eval_mode
+from cl_runner.methods.per_sample import FISHER_LABELS, choose_subset, fisher_diagonal, task_generator
+from cl_runner.methods.regularizer import QuadraticPenalty, check_choice, check_count, snapshot
+
+
+class EWC(QuadraticPenalty):
+    name = "ewc"
+
+    def __init__(
+        self,
+        strength: float = 1e7,
+        half: bool = True,
+        fisher_labels: str = "pred",
+        fisher_samples: int | None = None,
+        fisher_batch: int = 16,
+    ):
+        super().__init__(strength, half=half)
+        self.fisher_labels = check_choice("fisher_labels", fisher_labels, FISHER_LABELS)
+        self.fisher_samples = check_count("fisher_samples", fisher_samples, allow_none=True)
+        self.fisher_batch = check_count("fisher_batch", fisher_batch)
+        self._terms: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+        self._latest: dict[str, Tensor] = {}
+
+    def fisher(self, model: nn.Module, task: Task) -> dict[str, Tensor]:
+        """Diagonal Fisher of ``task`` at the model's current parameters (eval mode, state kept)."""
+        g = task_generator(task.id)
+        x, y = task.x_train, task.y_train
+        idx = choose_subset(len(x), self.fisher_samples, g)
+        if idx is not None:
+            idx = idx.to(x.device)
+            x, y = x[idx], y[idx]
+        with eval_mode(model):
+            return fisher_diagonal(model, x, y, task.units, self.fisher_labels, self.fisher_batch, g)
+
+    def after_task(self, model: nn.Module, task: Task) -> None:
+        self._latest = self.fisher(model, task)
+        self._terms.append((snapshot(model), self._latest))
+        self.set_terms(self._terms)
+
+    def importance(self) -> dict[str, Tensor]:
+        return dict(self._latest)
+
+
+METHOD = EWC

@@ -1,0 +1,288 @@
+"""Per-sample gradients with ``torch.func`` for the importance passes (EWC Fisher, MAS).
+
+Every function here runs the model through ``functional_call`` with its parameters *detached*
+and its buffers passed as constants, so it never touches ``.grad``, the parameters or the buffers.
+The caller puts the model in eval mode (:func:`~cl_runner.methods.base.eval_mode`): BatchNorm then
+uses its running statistics (nothing is updated) and dropout is off, so a sample's output does not
+depend on the other samples in its chunk and ``vmap`` over samples is exact.
+
+Chunking: per-sample gradients are materialized, one full copy of the parameters per sample, so
+the work is split into chunks of at most ``batch`` per-sample gradient vectors (for the exact
+Fisher, ``labels="all"``, a chunk holds ``batch // K`` samples × ``K`` classes).
+
+Fast path, same numbers: when every trainable parameter belongs to an ``nn.Linear`` applied once
+per forward to a (batch, features) input (an MLP without batch-norm affine parameters), a
+per-sample weight gradient is the outer product δ_n a_nᵀ of the layer's output gradient δ_n and
+its input a_n, so Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ(a²) and Σ_n |δ_n a_nᵀ| = |δ|ᵀ|a| are computed as one matrix
+product per layer without materializing the per-sample gradients. δ_n comes from one batched
+backward to the layer outputs (samples do not interact in eval mode), once per class for the
+exact Fisher. Any other model uses ``torch.func``. ``FAST_LINEAR = False`` forces ``torch.func``.
+
+Outputs are restricted to the active units ``[lo, hi)`` of the task; labels are ``y - lo``.
+Random choices (sampled labels, subsets) draw from a caller-supplied ``torch.Generator`` on the
+CPU, never from the global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+FISHER_LABELS = ("true", "pred", "sample", "all")
+FAST_LINEAR = True  # use the closed form for Linear-only models (tests switch it off to compare)
+FAST_CHUNK = 1024  # samples per batched backward in the fast path (activations only in memory)
+
+
+def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(trainable parameters, everything else: frozen parameters and buffers), all detached."""
+    params, consts = {}, {}
+    for n, p in model.named_parameters():
+        (params if p.requires_grad else consts)[n] = p.detach()
+    for n, b in model.named_buffers():
+        consts[n] = b.detach()
+    return params, consts
+
+
+def _single_output(model: nn.Module, consts: dict[str, Tensor], lo: int, hi: int) -> Callable:
+    """f(params, x) -> the active logits (K,) of one sample x (no batch dimension)."""
+
+    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, (params, consts), (x.unsqueeze(0),))[0, lo:hi]
+
+    return logits
+
+
+@torch.no_grad()
+def _active_logits(model: nn.Module, x: Tensor, lo: int, hi: int, batch: int) -> Tensor:
+    """Batched forward (eval mode is the caller's job), logits of units [lo, hi)."""
+    return torch.cat([model(x[s : s + batch])[:, lo:hi] for s in range(0, len(x), batch)])
+
+
+def choose_subset(n: int, k: int | None, generator: torch.Generator) -> Tensor | None:
+    """Indices of ``k`` of ``n`` samples drawn without replacement, or None for all of them."""
+    if k is None or k >= n:
+        return None
+    return torch.randperm(n, generator=generator)[:k]
+
+
+def fisher_labels(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    units: tuple[int, int],
+    labels: str,
+    generator: torch.Generator | None = None,
+    batch: int = 1024,
+) -> Tensor:
+    """Label (relative to ``lo``) whose log-likelihood gradient enters the Fisher, per sample.
+
+    true: the dataset label ``y - lo`` (empirical Fisher); pred: argmax of the active logits;
+    sample: one draw from the model's softmax over the active units (one multinomial call on the
+    CPU with ``generator``).
+    """
+    lo, hi = units
+    if labels == "true":
+        return y - lo
+    z = _active_logits(model, x, lo, hi, batch)
+    if labels == "pred":
+        return z.argmax(1)
+    if labels == "sample":
+        p = torch.softmax(z.double(), 1).cpu()
+        return torch.multinomial(p, 1, generator=generator).squeeze(1).to(x.device)
+    raise ValueError(f"method.fisher_labels={labels!r} is not valid; choose one of: {', '.join(FISHER_LABELS)}")
+
+
+# ---- closed form for models whose trainable parameters all sit in nn.Linear layers --------------
+
+
+def _linear_owners(model: nn.Module) -> list[tuple[str, nn.Linear]] | None:
+    """The Linear modules owning every trainable parameter, or None if another module owns one."""
+    owners = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(module) is not nn.Linear:
+            return None
+        owners.append((name, module))
+    return owners or None
+
+
+def _grads(scalar: Tensor, outs: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
+    """∂scalar/∂out per layer output, zeros for a layer that does not reach the active outputs."""
+    grads = torch.autograd.grad(scalar, outs, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+
+
+def _linear_pass(model: nn.Module, x: Tensor, units: tuple[int, int], kind: str, target: Tensor | None = None,
+                 chunk: int = FAST_CHUNK) -> dict[str, Tensor] | None:
+    """Σ over samples of squared (kind "labels": log p(target|x); "all": p-weighted over classes) or
+    absolute (kind "mas": ‖f(x)‖²) per-sample gradients, by the outer-product closed form.
+    Returns None when the model does not qualify (the caller then uses torch.func)."""
+    owners = _linear_owners(model)
+    if owners is None:
+        return None
+    lo, hi = units
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    for s in range(0, len(x), chunk):
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name, _ in owners}
+
+        def record(module, inp, out, name):
+            seen[name].append((inp[0].detach(), out))
+            return out.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy, not on `out`
+
+        hooks = [
+            module.register_forward_hook(lambda m, inp, out, name=name: record(m, inp, out, name))
+            for name, module in owners
+        ]
+        try:
+            with torch.enable_grad():
+                z = model(x[s : s + chunk])[:, lo:hi]
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
+            return None  # a layer used twice or on (batch, …, features) inputs: no outer product
+        acts = [seen[name][0][0] for name, _ in owners]
+        outs = [seen[name][0][1] for name, _ in owners]
+        if kind == "mas":
+            deltas = _grads(z.square().sum(), outs)
+            weights = [d.abs() for d in deltas]  # |δ a| = |δ| |a|
+            acts = [a.abs() for a in acts]
+        else:
+            logp = torch.log_softmax(z, 1)
+            if kind == "all":
+                p = logp.detach().exp()
+                weights = [torch.zeros_like(o) for o in outs]
+                for c in range(hi - lo):  # a loop over classes; the samples are batched
+                    deltas = _grads(logp[:, c].sum(), outs, retain_graph=c < hi - lo - 1)
+                    for w, d in zip(weights, deltas):
+                        w.addcmul_(d.square(), p[:, c : c + 1])
+            else:
+                deltas = _grads(logp.gather(1, target[s : s + chunk, None]).sum(), outs)
+                weights = [d.square() for d in deltas]
+            acts = [a.square() for a in acts]
+        for (name, module), w, a in zip(owners, weights, acts):
+            prefix = f"{name}." if name else ""
+            if module.weight.requires_grad:
+                acc[prefix + "weight"] += w.T @ a
+            if module.bias is not None and module.bias.requires_grad:
+                acc[prefix + "bias"] += w.sum(0)
+    return acc
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    units: tuple[int, int],
+    labels: str = "pred",
+    batch: int = 16,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher, mean over the N samples of ``x`` of per-sample squared gradients:
+
+    - labels in true | pred | sample:  F_i = 1/N Σ_n (∂ log p(ŷ_n | x_n) / ∂θ_i)²
+    - labels = all (exact expectation): F_i = 1/N Σ_n Σ_c p(c|x_n) (∂ log p(c | x_n) / ∂θ_i)²
+
+    with p the softmax over the active units ``units = (lo, hi)``. Keys are the names of the
+    trainable parameters; ``batch`` bounds the number of per-sample gradients held at once.
+    """
+    lo, hi = units
+    params, consts = split_state(model)
+    out = _single_output(model, consts, lo, hi)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    n_samples = len(x)
+    if n_samples == 0:
+        return fisher
+
+    if FAST_LINEAR:
+        target = None if labels == "all" else fisher_labels(model, x, y, units, labels, generator)
+        fast = _linear_pass(model, x, units, "all" if labels == "all" else "labels", target)
+        if fast is not None:
+            return {n: f / n_samples for n, f in fast.items()}
+
+    if labels == "all":
+
+        def log_probs(params: dict[str, Tensor], x1: Tensor) -> Tensor:
+            return torch.log_softmax(out(params, x1), -1)
+
+        jac = vmap(jacrev(log_probs), in_dims=(None, 0))
+        k = hi - lo
+        step = max(1, batch // k)
+        for s in range(0, n_samples, step):
+            xb = x[s : s + step]
+            with torch.no_grad():
+                p = torch.softmax(model(xb)[:, lo:hi], 1)  # (B, K), the expectation's weights
+            w = p.reshape(1, -1)
+            for name, j in jac(params, xb).items():  # j: (B, K, *shape)
+                # Σ_b Σ_c p_bc j_bc² as one matrix product (squared in place: j is ours and large)
+                fisher[name] += (w @ j.reshape(w.shape[1], -1).square_()).reshape(fisher[name].shape)
+    else:
+        if not FAST_LINEAR:  # else the labels were drawn above (one draw per sample, not two)
+            target = fisher_labels(model, x, y, units, labels, generator)
+
+        def log_lik(params: dict[str, Tensor], x1: Tensor, c: Tensor) -> Tensor:
+            return torch.log_softmax(out(params, x1), -1).gather(0, c.unsqueeze(0))[0]
+
+        per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0))
+        for s in range(0, n_samples, batch):
+            for name, g in per_sample(params, x[s : s + batch], target[s : s + batch]).items():
+                fisher[name] += g.square_().sum(0)  # in place: g is ours and large
+    return {n: f / n_samples for n, f in fisher.items()}
+
+
+def mas_importance(
+    model: nn.Module,
+    x: Tensor,
+    units: tuple[int, int],
+    per_sample: bool = True,
+    batch: int = 64,
+) -> dict[str, Tensor]:
+    """MAS importance of one task (no labels needed), outputs restricted to ``units = (lo, hi)``:
+
+    - per_sample=True (Aljundi et al. 2018, eq. 2–4): Ω_i = 1/N Σ_n | ∂ ‖f(x_n)‖²₂ / ∂θ_i |
+    - per_sample=False (Hsu et al. 2018's code): Ω_i = 1/B Σ_b | ∂ mean(f(X_b)²) / ∂θ_i |, the mean
+      over the B mini-batches X_b of ``batch`` samples of the absolute gradient of the mean of the
+      squared logits (mean over samples and units of the batch).
+    """
+    lo, hi = units
+    params, consts = split_state(model)
+    imp = {n: torch.zeros_like(p) for n, p in params.items()}
+    if len(x) == 0:
+        return imp
+    if per_sample:
+        fast = _linear_pass(model, x, units, "mas") if FAST_LINEAR else None
+        if fast is not None:
+            return {n: v / len(x) for n, v in fast.items()}
+        out = _single_output(model, consts, lo, hi)
+
+        def sq_norm(params: dict[str, Tensor], x1: Tensor) -> Tensor:
+            return out(params, x1).square().sum()
+
+        grads = vmap(grad(sq_norm), in_dims=(None, 0))
+        for s in range(0, len(x), batch):
+            for name, g in grads(params, x[s : s + batch]).items():
+                imp[name] += g.abs_().sum(0)
+        return {n: v / len(x) for n, v in imp.items()}
+
+    def mean_sq(params: dict[str, Tensor], xb: Tensor) -> Tensor:
+        return functional_call(model, (params, consts), (xb,))[:, lo:hi].square().mean()
+
+    batch_grad = grad(mean_sq)
+    n_batches = 0
+    for s in range(0, len(x), batch):
+        for name, g in batch_grad(params, x[s : s + batch]).items():
+            imp[name] += g.abs()
+        n_batches += 1
+    return {n: v / n_batches for n, v in imp.items()}
+
+
+def task_generator(task_id: int) -> torch.Generator:
+    """CPU generator for a task's random choices in an importance pass (subset, sampled labels):
+    seeded from the task id alone, so a pass is reproducible and leaves the global RNG alone."""
+    return torch.Generator().manual_seed(104729 + int(task_id))

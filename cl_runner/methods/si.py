@@ -1,0 +1,83 @@
+"""SI, Synaptic Intelligence (Zenke et al. 2017, eq. 3–5), importance from the path integral.
+
+While training task t, after every optimizer step k (θ_k → θ_{k+1}):
+
+    ω_i += −g_i(θ_k) · (θ_{k+1,i} − θ_{k,i})          (ω reset to 0 at the start of each task)
+
+g is the gradient of the *task* loss alone (``grad: task``, default; Zenke et al., Hsu et al.) or of
+the total loss task + λ·penalty that the optimizer used (``grad: total``; van de Ven & Tolias'
+code). At the end of task t, with Δ_i = θ_i(end of t) − θ_i(start of t):
+
+    Ω_i += ω_i / (Δ_i² + ξ)        (summed over tasks; ξ = ``xi``, default 0.1)
+    θ*  = θ at the end of t        (single anchor)
+
+Penalty (no ½ factor, as Zenke's eq. 4):  L(θ) = L_t(θ) + λ · Σ_i Ω_i (θ_i − θ*_i)²
+
+Δ is measured from the start of *this* task, i.e. from the previous anchor. ``importance()``:
+the accumulated Ω.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cl_runner.data.stream import Task
+from cl_runner.methods.base import named_params
+from cl_runner.methods.regularizer import QuadraticPenalty, check_choice, check_range, snapshot
+
+GRADS = ("task", "total")
+
+
+class SI(QuadraticPenalty):
+    name = "si"
+
+    def __init__(self, strength: float = 3000.0, xi: float = 0.1, grad: str = "task"):
+        super().__init__(strength, half=False)
+        self.xi = check_range("xi", xi, 0.0, float("inf"), lo_open=True)
+        self.grad = check_choice("grad", grad, GRADS)
+        self._omega: dict[str, Tensor] = {}  # accumulated Ω
+        self._w: dict[str, Tensor] = {}  # this task's path integral ω
+        self._start: dict[str, Tensor] = {}
+        self._prev: dict[str, Tensor] = {}
+        self._task_grad: dict[str, Tensor | None] = {}
+
+    def before_task(self, model: nn.Module, task: Task) -> None:
+        self._start = snapshot(model)
+        self._prev = snapshot(model)
+        self._w = {n: torch.zeros_like(p) for n, p in self._start.items()}
+        self._task_grad = {}
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module) -> None:
+        if self.grad == "task":  # .grad holds the task-loss gradient only at this point
+            self._task_grad = {
+                n: None if p.grad is None else p.grad.detach().clone() for n, p in named_params(model).items()
+            }
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        for n, p in named_params(model).items():
+            g = self._task_grad.get(n) if self.grad == "task" else p.grad
+            prev = self._prev[n]
+            if g is not None:
+                self._w[n].addcmul_(g, p.detach() - prev, value=-1.0)
+            prev.copy_(p.detach())
+
+    @torch.no_grad()
+    def after_task(self, model: nn.Module, task: Task) -> None:
+        end = snapshot(model)
+        for n, theta in end.items():
+            contrib = self._w[n] / ((theta - self._start[n]).square() + self.xi)
+            self._omega[n] = self._omega[n] + contrib if n in self._omega else contrib
+        self.set_terms([(end, dict(self._omega))])
+
+    def importance(self) -> dict[str, Tensor]:
+        return dict(self._omega)
+
+    def path_integral(self) -> dict[str, Tensor]:
+        """This task's ω so far (for tests and diagnostics)."""
+        return dict(self._w)
+
+
+METHOD = SI

@@ -1,0 +1,196 @@
+"""Benchmark the methods' costs on MNIST-sized data (issue 3).
+
+1. Per-step overhead: time of one training step (forward, task-loss backward, the method's hooks,
+   λ·penalty backward, Adam step) for each method with its penalty active, versus finetune.
+   Model MLP 1024-400-400-10 (Hsu et al.'s padded MNIST), batch 128, Adam lr 1e-3. EWC is timed
+   with 1 and with 4 consolidated tasks (one penalty term per past task).
+2. Importance passes on N (default 60,000) samples: the EWC Fisher with fisher_labels=all (exact
+   expectation over the 10 classes) and pred, and MAS (per-sample), by the Linear closed form that
+   this MLP takes, and by the generic torch.func path on --func-samples samples (with the per-sample
+   time and its extrapolation to 60,000; it is linear in the number of samples).
+
+Data: the MNIST training images from ``<data_dir>/MNIST/raw/train-images-idx3-ubyte`` (padded to
+32×32, normalized with Hsu et al.'s mean 0.1 / std 0.2752) when present, random tensors of the
+same shape otherwise. Usage::
+
+    python scripts/bench_methods.py [--data-dir /work/shared/data] [--threads 1] [--device cpu]
+        [--steps 200] [--samples 60000] [--func-samples 2000] [--fisher-batch 32 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cl_runner.data.stream import Task
+from cl_runner.methods import build_method, eval_mode
+from cl_runner.methods import per_sample
+from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
+from cl_runner.models import MLP
+from cl_runner.trainer import task_loss
+
+METHODS = [
+    ("finetune", {}, 0),
+    ("l2", {}, 1),
+    ("ewc", {"fisher_samples": 256}, 1),
+    ("ewc", {"fisher_samples": 256}, 4),
+    ("online_ewc", {"fisher_samples": 256}, 4),
+    ("mas", {"mas_samples": 256}, 1),
+    ("si", {"grad": "task"}, 1),
+    ("si", {"grad": "total"}, 1),
+]
+
+
+def read_idx_images(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    n, h, w = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=16).reshape(n, 1, h, w).copy())
+
+
+def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
+    for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"):
+        path = Path(data_dir or ".") / "MNIST" / "raw" / name
+        if data_dir and path.exists():
+            x = read_idx_images(path)[:n].float() / 255.0
+            x = nn.functional.pad(x, (2, 2, 2, 2))
+            return (x - 0.1) / 0.2752, f"MNIST ({path})"
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 32, 32, generator=g), "random tensors (MNIST not found)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
+    """A function that times ``steps`` training steps (after ``warmup``) of ``name`` with its
+    penalty holding ``n_tasks`` consolidated tasks; returns ms/step."""
+    torch.manual_seed(0)
+    model = MLP((1, 32, 32), 10).to(device)
+    method = build_method(name, None if name == "finetune" else 1.0, options)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    units = (0, 10)
+    method.setup(model, None)
+    for t in range(n_tasks):  # consolidate n_tasks tasks so the penalty has its terms
+        task = Task(t, f"t{t}", x[:512], y[:512], x[:10], y[:10], list(range(10)), units, units)
+        method.before_task(model, task)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        method.after_task(model, task)
+    task = Task(n_tasks, "bench", x, y, x[:10], y[:10], list(range(10)), units, units)
+    method.before_task(model, task)
+    strength = method.strength
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, len(x), (128,), generator=g).to(device) for _ in range(steps + warmup)]
+    model.train()
+
+    def step(idx):  # the trainer's step (cl_runner/trainer.py)
+        opt.zero_grad(set_to_none=True)
+        loss = task_loss(model(x[idx]), y[idx], units)
+        loss.backward()
+        method.after_backward(model)
+        if strength:
+            pen = method.penalty(model)
+            if pen is not None:
+                (strength * pen).backward()
+        opt.step()
+        method.after_step(model)
+
+    def run_once() -> float:
+        for idx in batches[:warmup]:
+            step(idx)
+        sync(device)
+        t0 = time.perf_counter()
+        for idx in batches[warmup:]:
+            step(idx)
+        sync(device)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    return run_once
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=os.environ.get("CL_RUNNER_DATA", "/work/shared/data"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5, help="step timing: median of this many runs")
+    ap.add_argument("--samples", type=int, default=60000, help="samples for the importance passes")
+    ap.add_argument("--fisher-batch", type=int, nargs="+", default=[16], help="torch.func chunk sizes")
+    ap.add_argument("--func-samples", type=int, default=2000,
+                    help="samples for the (slow) torch.func path on CPU; 0 skips it")
+    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--skip-fisher", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    x, source = load_images(args.data_dir, max(args.samples, 1024))
+    x = x.to(device)
+    y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(2)).to(device)
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()} device={device}")
+    print(f"data: {source}, x {tuple(x.shape)}; model MLP 1024-400-400-10 "
+          f"({sum(p.numel() for p in MLP((1, 32, 32), 10).parameters()):,} parameters)")
+
+    if not args.skip_steps:
+        print(f"\nper-step time, batch 128, Adam, λ=1 (median of {args.repeats} × {args.steps} steps)")
+        print(f"{'method':<12} {'options':<24} {'past tasks':>10} {'ms/step':>9} {'× finetune':>11}")
+        steppers = [make_stepper(n, o, k, x, y, device, args.steps, args.warmup) for n, o, k in METHODS]
+        times: list[list[float]] = [[] for _ in METHODS]
+        for _ in range(args.repeats):  # interleaved, so drifting machine load hits every method alike
+            for i, run_once in enumerate(steppers):
+                times[i].append(run_once())
+        base = statistics.median(times[0])
+        for (name, options, n_tasks), ts in zip(METHODS, times):
+            ms = statistics.median(ts)
+            opts = ",".join(f"{k}={v}" for k, v in options.items() if k == "grad")
+            print(f"{name:<12} {opts:<24} {n_tasks:>10} {ms:>9.2f} {ms / base:>11.2f}", flush=True)
+
+    if not args.skip_fisher:
+        torch.manual_seed(0)
+        model = MLP((1, 32, 32), 10).to(device)
+        print(f"\nimportance passes (eval mode, 10 active units); 'closed form' = the Linear-layer path,"
+              f" 'torch.func' = vmap per-sample gradients (any model), timed on --func-samples samples")
+        print(f"{'pass':<26} {'path':<12} {'chunk':>6} {'samples':>8} {'seconds':>9} {'µs/sample':>10} {'→ 60k s':>8}")
+        passes = (
+            ("EWC Fisher, labels=all", lambda xs, ys, b: fisher_diagonal(model, xs, ys, (0, 10), "all", b)),
+            ("EWC Fisher, labels=pred", lambda xs, ys, b: fisher_diagonal(model, xs, ys, (0, 10), "pred", b)),
+            ("MAS, per_sample", lambda xs, ys, b: mas_importance(model, xs, (0, 10), True, b)),
+        )
+        runs = [(True, args.samples, FAST_CHUNK)]
+        runs += [(False, args.func_samples, b) for b in args.fisher_batch if args.func_samples]
+        for fast, n, batch in runs:
+            per_sample.FAST_LINEAR = fast
+            xs, ys = x[:n], y[:n]
+            for label, fn in passes:
+                with eval_mode(model):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn(xs, ys, batch)
+                    sync(device)
+                    dt = time.perf_counter() - t0
+                path = "closed form" if fast else "torch.func"
+                print(f"{label:<26} {path:<12} {batch:>6} {n:>8,} {dt:>9.2f} {dt / n * 1e6:>10.1f} "
+                      f"{dt / n * 60000:>8.1f}", flush=True)
+        per_sample.FAST_LINEAR = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The methods on real (offline) task streams, end to end through ``run_experiment``:
+
+- on split digits (domain-IL) and permuted digits, each regularized method with the λ below has a
+  clearly better BWT than finetune, averaged over seeds 0, 1, 2, without giving up accuracy;
+- λ = 0 reproduces finetune exactly (identical accuracy matrix): the importance passes and hooks
+  do not disturb the model, the optimizer or the RNG;
+- joint training (upper bound) beats finetune's final accuracy.
+
+Shortened runs (3 epochs instead of 10, one torch thread) keep the file near a minute on a 2-core
+CPU. Measured with these settings (mean BWT over seeds 0–2; final accuracy in brackets):
+split digits:    finetune −0.20 (0.82); L2 λ=1 −0.02 (0.84), EWC λ=1e5 −0.08 (0.85),
+                 online EWC λ=1e5 −0.07 (0.86), MAS λ=1 −0.07 (0.89), SI λ=1000 −0.06 (0.88).
+permuted digits: finetune −0.47 (0.57); L2 λ=0.1 −0.27 (0.62), EWC λ=1000 −0.26 (0.69),
+                 online EWC λ=1000 −0.19 (0.74), MAS λ=1 −0.18 (0.57), SI λ=100 −0.20 (0.68).
+(EWC needs a larger λ on split digits: its 2-class tasks are learned to near-certainty, and the
+Fisher with predicted labels shrinks with the model's confidence.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import hydra
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+SEEDS = (0, 1, 2)
+REGULARIZED = ("l2", "ewc", "online_ewc", "mas", "si")
+BENCHMARKS = {
+    "split_digits": {
+        "overrides": ["benchmark=split_digits", "scenario=domain", "epochs=3"],
+        "lambda": {"l2": 1, "ewc": 1e5, "online_ewc": 1e5, "mas": 1, "si": 1000},
+        "options": {},
+    },
+    "permuted_digits": {
+        "overrides": ["benchmark=permuted_digits", "scenario=domain", "epochs=3"],
+        "lambda": {"l2": 0.1, "ewc": 1000, "online_ewc": 1000, "mas": 1, "si": 100},
+        "options": {},
+    },
+}
+BWT_MARGIN = 0.08  # "clearly better": the measured margins are 0.12–0.29
+ACC_SLACK = 0.02  # and the final accuracy does not drop below finetune's
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # small models on a shared 2-core machine: one thread is several times faster than two
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from cl_runner.app import run_experiment
+
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def go(*overrides: str) -> dict:
+        key = tuple(overrides)
+        if key not in cache:
+            with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+                cfg = hydra.compose("config", overrides=["device=cpu", *overrides])
+            out = tmp_path_factory.mktemp("run")
+            with contextlib.redirect_stdout(io.StringIO()):
+                cache[key] = run_experiment(cfg, out)
+            assert cache[key]["status"] == "ok"
+        return cache[key]
+
+    return go
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("method", REGULARIZED)
+@pytest.mark.parametrize("bench", list(BENCHMARKS))
+def test_regularization_reduces_forgetting(run, bench, method):
+    spec = BENCHMARKS[bench]
+    base = [run(*spec["overrides"], "method=finetune", f"seed={s}") for s in SEEDS]
+    lam = spec["lambda"][method]
+    ours = [
+        run(*spec["overrides"], f"method={method}", f"lambda={lam}", *spec["options"].get(method, []), f"seed={s}")
+        for s in SEEDS
+    ]
+    assert all(r["lambda"] == lam and r["method"] == method for r in ours)
+    bwt_base, bwt = mean(r["bwt"] for r in base), mean(r["bwt"] for r in ours)
+    acc_base, acc = mean(r["acc"] for r in base), mean(r["acc"] for r in ours)
+    assert bwt_base < -0.15, f"finetune should forget on {bench}: BWT {bwt_base:.3f}"
+    assert bwt > bwt_base + BWT_MARGIN, f"{method} λ={lam} on {bench}: BWT {bwt:.3f} vs finetune {bwt_base:.3f}"
+    assert acc > acc_base - ACC_SLACK, f"{method} λ={lam} on {bench}: acc {acc:.3f} vs finetune {acc_base:.3f}"
+
+
+@pytest.mark.parametrize("method", REGULARIZED)
+def test_lambda_zero_reproduces_finetune_exactly(run, method):
+    spec = BENCHMARKS["split_digits"]
+    base = run(*spec["overrides"], "method=finetune", "seed=0")
+    zero = run(*spec["overrides"], f"method={method}", "lambda=0", "seed=0")
+    assert zero["lambda"] == 0
+    assert zero["accuracy_matrix"] == base["accuracy_matrix"]
+    assert zero["initial_accuracy"] == base["initial_accuracy"]
+
+
+def test_joint_is_an_upper_bound(run):
+    spec = BENCHMARKS["split_digits"]
+    base = run(*spec["overrides"], "method=finetune", "seed=0")
+    once = run(*spec["overrides"], "method=joint", "method.mode=all", "seed=0")
+    assert once["accuracy_matrix"][0] == once["initial_accuracy"]  # nothing trained before the last task
+    assert once["acc"] > base["acc"] + 0.05
+    # task-IL: every sample of the union keeps its own head (the trainer's per-sample units)
+    task_il = run("benchmark=split_digits", "scenario=task", "epochs=3", "method=joint", "method.mode=cumulative", "seed=0")
+    assert min(task_il["accuracy_matrix"][-1]) > 0.9
