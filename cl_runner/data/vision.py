@@ -1,0 +1,122 @@
+"""Real image datasets read through ``torchvision.datasets``: MNIST, Fashion-MNIST, KMNIST,
+CIFAR-10 and CIFAR-100.
+
+Each loader builds the torchvision dataset once per split, takes its raw uint8 storage
+(``.data``: a tensor (N, 28, 28) for the MNIST family, a numpy array (N, 32, 32, 3) for CIFAR)
+and its ``.targets``, and converts them to float (N, C, H, W) in [0, 1] in one tensor operation.
+No per-sample transform and no DataLoader are involved; :func:`cl_runner.data.benchmarks.build_stream`
+moves the tensors to the device.
+
+Files on disk (``data_dir`` is torchvision's ``root``; torchvision's own layout):
+
+- ``mnist``:         ``<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+- ``fashion_mnist``: the same four files under ``<data_dir>/FashionMNIST/raw/``
+- ``kmnist``:        the same four files under ``<data_dir>/KMNIST/raw/``
+- ``cifar10``:       ``<data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``
+- ``cifar100``:      ``<data_dir>/cifar-100-python/{train,test,meta}``
+
+The MNIST-family reader wants the IDX files decompressed; with ``download=true`` torchvision
+also accepts the original ``*.gz`` files (or the CIFAR ``*.tar.gz`` archive) placed in that
+folder and extracts them without going online when their checksums match.
+
+Missing files (or a download that fails, e.g. offline) raise :class:`DatasetUnavailable` with a
+one-line message naming the dataset, the folder and the expected files.
+
+torchvision is imported inside the loaders: importing it costs seconds, and runs on the
+offline ``digits`` benchmark never need it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from cl_runner.data.datasets import DatasetUnavailable, RawDataset, register
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+# dataset name -> (torchvision class name, sub-folder of data_dir, expected files, n_classes)
+SPECS: dict[str, tuple[str, str, tuple[str, ...], int]] = {
+    "mnist": ("MNIST", os.path.join("MNIST", "raw"), MNIST_FILES, 10),
+    "fashion_mnist": ("FashionMNIST", os.path.join("FashionMNIST", "raw"), MNIST_FILES, 10),
+    "kmnist": ("KMNIST", os.path.join("KMNIST", "raw"), MNIST_FILES, 10),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        10,
+    ),
+    "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), 100),
+}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unavailable(name: str, data_dir: str, download: bool, reason: str) -> DatasetUnavailable:
+    _, sub, files, _ = SPECS[name]
+    folder = os.path.join(os.path.abspath(os.path.expanduser(str(data_dir))), sub)
+    top = sub.split(os.sep)[0]
+    hint = (
+        f"download failed: {reason}; copy the files there, or set data_dir= to the folder that holds {top}/"
+        if download
+        else f"download=false: run with download=true, or set data_dir= to the folder that holds {top}/"
+    )
+    return DatasetUnavailable(f"{name}: files not found in {folder}; expected {', '.join(files)} ({hint})")
+
+
+def _open(name: str, data_dir: str, download: bool, train: bool) -> Any:
+    """The torchvision dataset object for one split; every failure becomes DatasetUnavailable."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, SPECS[name][0])
+    root = os.path.expanduser(str(data_dir))
+    try:
+        return cls(root=root, train=train, download=bool(download))
+    except OSError as e:  # URLError, socket timeouts, read-only data_dir while downloading
+        raise _unavailable(name, data_dir, download, _first_line(e)) from None
+    except Exception as e:
+        reason = _first_line(e).rstrip(":")
+        # torchvision: "Dataset not found…" (download=false) or "Error downloading…" (offline)
+        if isinstance(e, RuntimeError) and ("not found" in reason or reason.startswith("Error downloading")):
+            raise _unavailable(name, data_dir, download, reason) from None
+        # anything else while reading: truncated or malformed files (the IDX parser asserts or
+        # fails to reshape, pickle raises)
+        folder = os.path.join(os.path.abspath(root), SPECS[name][1])
+        raise DatasetUnavailable(
+            f"{name}: the files in {folder} cannot be read ({type(e).__name__}: {reason}); "
+            "delete them and download again"
+        ) from None
+
+
+def _images(data: Any) -> torch.Tensor:
+    """uint8 images → float32 (N, C, H, W) in [0, 1]. MNIST: tensor (N, H, W); CIFAR: numpy (N, H, W, C)."""
+    x = torch.as_tensor(data)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x.to(torch.float32).div_(255.0).contiguous()
+
+
+def _load(name: str, data_dir: str, download: bool, seed: int) -> RawDataset:
+    del seed  # the official train/test split is used; the seed plays no part in loading
+    splits = []
+    for train in (True, False):
+        ds = _open(name, data_dir, download, train)
+        splits += [_images(ds.data), torch.as_tensor(ds.targets, dtype=torch.long)]
+    return RawDataset(name, *splits, n_classes=SPECS[name][3])
+
+
+def _make_loader(name: str) -> None:
+    def loader(data_dir: str, download: bool, seed: int) -> RawDataset:
+        return _load(name, data_dir, download, seed)
+
+    loader.__name__ = f"load_{name}"
+    loader.__doc__ = f"{SPECS[name][0]} through torchvision (files: <data_dir>/{SPECS[name][1]}/)."
+    register(name)(loader)
+
+
+for _name in SPECS:
+    _make_loader(_name)
