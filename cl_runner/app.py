@@ -40,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
         _positive_int(cfg, key)
     _positive_int(cfg, "iterations", optional=True)
+    _positive_int(cfg, "threads", optional=True)
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -55,9 +56,11 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     resolve_device(cfg.device)
+    from cl_runner.data.benchmarks import check_benchmark
     from cl_runner.methods import build_method
     from cl_runner.trainer import make_optimizer_factory
 
+    check_benchmark(cfg.benchmark, cfg.scenario)
     make_optimizer_factory(cfg.optimizer)
     build_method(cfg.method.name, strength, identity(cfg)["method_options"])
 
@@ -117,6 +120,23 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
     """
     import torch
 
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.json").exists():
+        raise ValueError(f"{out_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out_dir, device, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
+    import torch
+
     from cl_runner.data.benchmarks import build_stream
     from cl_runner.loggers import ConsoleLogger, Fanout, TensorBoardLogger, write_result_files
     from cl_runner.methods import build_method
@@ -124,11 +144,6 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
     from cl_runner.models import build_model
     from cl_runner.trainer import Trainer, make_optimizer_factory
 
-    out_dir = Path(out_dir)
-    if (out_dir / "metrics.json").exists():
-        raise ValueError(f"{out_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
-    validate(cfg)
-    device = resolve_device(cfg.device)
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg.benchmark, cfg.scenario, cfg.seed, device, cfg.data_dir, cfg.download)

@@ -64,8 +64,10 @@ def test_transforms():
     p = T.pad(x, 32)
     assert p.shape == (3, 1, 32, 32) and torch.equal(p[:, :, 2:30, 2:30], x) and p[:, :, :2].abs().sum() == 0
     assert torch.equal(T.rotate(x, 0), x)
-    r = T.rotate(torch.eye(9).reshape(1, 1, 9, 9), 90)
-    assert torch.allclose(r[0, 0], torch.eye(9).flip(0), atol=1e-5)  # the diagonal turns into the anti-diagonal
+    corner = torch.zeros(1, 1, 9, 9)
+    corner[0, 0, 0, 8] = 1  # top right; counter-clockwise (as torchvision) it goes to the top left
+    assert torch.allclose(T.rotate(corner, 90), torch.rot90(corner, 1, dims=(2, 3)), atol=1e-5)
+    assert T.rotate(corner, 90)[0, 0, 0, 0] > 0.99
     n = T.normalize(x, 0.5, 0.25)
     assert torch.allclose(n * 0.25 + 0.5, x, atol=1e-6)
 

@@ -54,6 +54,22 @@ def _prepare(raw: RawDataset, size: int, device: torch.device) -> RawDataset:
     )
 
 
+def check_benchmark(cfg: Mapping[str, Any], scenario: str) -> str:
+    """The benchmark's kind, after checking it and that ``scenario`` fits the benchmark; cheap (no
+    file is read), so the app checks it before a run directory is made."""
+    kind = _get(cfg, "kind", "split")
+    if kind not in KINDS:
+        raise ValueError(f"benchmark.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    # benchmark.scenarios lists the scenarios that make sense for this benchmark (reasons in its yaml)
+    fits = [str(s) for s in _get(cfg, "scenarios", [])]
+    if fits and scenario not in fits:
+        raise ValueError(
+            f"scenario={scenario} does not fit benchmark {_get(cfg, 'name', kind)} (see benchmark.scenarios); "
+            f"choose one of: {', '.join(fits)}"
+        )
+    return kind
+
+
 def build_stream(
     cfg: Mapping[str, Any],
     scenario: str,
@@ -63,17 +79,7 @@ def build_stream(
     download: bool = True,
 ) -> TaskStream:
     device = torch.device(device)
-    kind = _get(cfg, "kind", "split")
-    if kind not in KINDS:
-        raise ValueError(f"benchmark.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
-    # benchmark.scenarios lists the scenarios that make sense for this benchmark (reasons in its yaml);
-    # checked before any file is read so that a wrong combination fails at once
-    fits = [str(s) for s in _get(cfg, "scenarios", [])]
-    if fits and scenario not in fits:
-        raise ValueError(
-            f"scenario={scenario} does not fit benchmark {_get(cfg, 'name', kind)} (see benchmark.scenarios); "
-            f"choose one of: {', '.join(fits)}"
-        )
+    kind = check_benchmark(cfg, scenario)
     g = torch.Generator().manual_seed(int(seed))
     names = list(_get(cfg, "datasets", [])) if kind == "sequence" else [_get(cfg, "dataset", "digits")]
     if not names:

@@ -46,7 +46,8 @@ def rotate(x: Tensor, degrees: float) -> Tensor:
         return x
     theta = torch.deg2rad(torch.tensor(float(degrees), dtype=torch.float64))
     cos, sin = torch.cos(theta).item(), torch.sin(theta).item()
-    # affine_grid maps output coordinates to input coordinates: use the inverse rotation
-    mat = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+    # affine_grid maps each output pixel to the input point it samples (x to the right, y downwards),
+    # so a counter-clockwise turn of the image samples through the matrix below
+    mat = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(mat.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
