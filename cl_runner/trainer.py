@@ -152,11 +152,9 @@ class Trainer:
                 loss.backward()
                 method.after_backward(model)
                 if strength:
-                    penalty = method.penalty(model)
+                    penalty = method.add_penalty_grad(model)
                     if penalty is not None:
-                        penalty = strength * penalty
-                        penalty.backward()
-                        penalties[step] = penalty.detach()
+                        penalties[step] = penalty
                 optimizer.step()
                 method.after_step(model)
                 losses[step] = loss.detach()

@@ -1,7 +1,7 @@
 """Benchmark the methods' costs on MNIST-sized data (issue 3).
 
 1. Per-step overhead: time of one training step (forward, task-loss backward, the method's hooks,
-   λ·penalty backward, Adam step) for each method with its penalty active, versus finetune.
+   fused λ·penalty gradient, Adam step) for each method with its penalty active, versus finetune.
    Model MLP 1024-400-400-10 (Hsu et al.'s padded MNIST), batch 128, Adam lr 1e-3. EWC is timed
    with 1 and with 4 consolidated tasks (one penalty term per past task).
 2. Importance passes on N (default 60,000) samples: the EWC Fisher with fisher_labels=all (exact
@@ -104,9 +104,7 @@ def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
         loss.backward()
         method.after_backward(model)
         if strength:
-            pen = method.penalty(model)
-            if pen is not None:
-                (strength * pen).backward()
+            method.add_penalty_grad(model)
         opt.step()
         method.after_step(model)
 

@@ -612,3 +612,43 @@ def test_joint_training_data(scenario):
         data = once.training_data(stream, t)
         assert len(data) == (15 if t == 2 else 0)
     assert cumulative.penalty(None) is None and not cumulative.uses_strength
+
+
+@pytest.mark.parametrize("name", ["l2", "ewc", "online_ewc", "mas", "si"])
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_fused_penalty_gradient_equals_autograd(name, n_tasks):
+    """The trainer's fused add_penalty_grad gives the value and gradient of autograd on penalty()."""
+    from cl_runner.data.stream import Task
+    from cl_runner.methods import build_method
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)).double()
+    method = build_method(name, 3.0, {"half": True} if "ewc" in name else {})
+    x, y = torch.randn(40, 6, dtype=torch.double), torch.randint(0, 4, (40,))
+    method.setup(model, None)
+    for t in range(n_tasks):
+        task = Task(t, f"t{t}", x + t, y, x, y, [0, 1, 2, 3], (0, 4), (0, 4))
+        method.before_task(model, task)
+        for _ in range(3):  # a few steps so that SI has a path
+            loss = torch.nn.functional.cross_entropy(model(task.x_train), y)
+            model.zero_grad()
+            loss.backward()
+            method.after_backward(model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            method.after_step(model)
+        method.after_task(model, task)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.05 * torch.randn_like(p)
+    model.zero_grad()
+    reference = method.strength * method.penalty(model)
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # the fused path must add to what is there
+    value = method.add_penalty_grad(model)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-10)
+    for p, g in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, g + 1, rtol=1e-10, atol=1e-12)

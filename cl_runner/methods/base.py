@@ -8,8 +8,7 @@ The trainer calls, for every task t of the stream::
         loss = cross_entropy(model(x)[:, lo:hi], y - lo)
         loss.backward()
         method.after_backward(model)                # .grad holds the task-loss gradient only
-        pen = method.penalty(model)                 # unscaled, or None
-        (strength * pen).backward()                 # added to .grad
+        method.add_penalty_grad(model)              # .grad += ∇(λ·penalty); returns λ·penalty
         optimizer.step()
         method.after_step(model)                    # e.g. SI's path integral
     method.after_task(model, task)                  # importance, anchors
@@ -69,6 +68,17 @@ class Method:
     def penalty(self, model: nn.Module) -> Tensor | None:
         """The regularizer without λ, or None when there is none (yet)."""
         return None
+
+    def add_penalty_grad(self, model: nn.Module) -> Tensor | None:
+        """Add the gradient of ``strength * penalty`` to ``.grad``; return that value (detached), or
+        None when there is no penalty. Methods may override it with a fused version that must give
+        the same value and gradient as autograd on :meth:`penalty`."""
+        penalty = self.penalty(model)
+        if penalty is None:
+            return None
+        penalty = self.strength * penalty
+        penalty.backward()
+        return penalty.detach()
 
     def after_backward(self, model: nn.Module) -> None:
         pass

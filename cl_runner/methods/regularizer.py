@@ -77,6 +77,26 @@ class QuadraticPenalty(Method):
             total = term if total is None else total + term
         return 0.5 * total if self.half else total
 
+    @torch.no_grad()
+    def add_penalty_grad(self, model: nn.Module) -> Tensor | None:
+        """Fused λ·R(θ) and its gradient 2·λ·s·W·(θ − θ̄), added to ``.grad`` with multi-tensor
+        (foreach) kernels: the same numbers as autograd on :meth:`penalty`, a fraction of the kernel
+        launches (this runs every step)."""
+        if not self._anchor:
+            return None
+        params = list(named_params(model).items())
+        scale = self.strength * (0.5 if self.half else 1.0)
+        diffs = torch._foreach_sub([p for _, p in params], [self._anchor[n] for n, _ in params])
+        weighted = diffs if self._weight is None else torch._foreach_mul(diffs, [self._weight[n] for n, _ in params])
+        for (_, p), w in zip(params, weighted):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for _, p in params], weighted, alpha=2.0 * scale)
+        total = torch.stack([torch.dot(w.flatten(), d.flatten()) for w, d in zip(weighted, diffs)]).sum()
+        if self._const is not None:
+            total = total + self._const
+        return scale * total
+
 
 # ---- option checks: one line naming the key and the valid values ----------------------------------
 

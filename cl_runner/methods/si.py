@@ -51,18 +51,24 @@ class SI(QuadraticPenalty):
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
         if self.grad == "task":  # .grad holds the task-loss gradient only at this point
-            self._task_grad = {
-                n: None if p.grad is None else p.grad.detach().clone() for n, p in named_params(model).items()
-            }
+            grads = {n: p.grad for n, p in named_params(model).items() if p.grad is not None}
+            if self._task_grad.keys() != grads.keys():
+                self._task_grad = {n: torch.empty_like(g) for n, g in grads.items()}
+            torch._foreach_copy_(list(self._task_grad.values()), list(grads.values()))
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        for n, p in named_params(model).items():
-            g = self._task_grad.get(n) if self.grad == "task" else p.grad
-            prev = self._prev[n]
-            if g is not None:
-                self._w[n].addcmul_(g, p.detach() - prev, value=-1.0)
-            prev.copy_(p.detach())
+        # multi-tensor (foreach) kernels: this runs every step
+        params = named_params(model)
+        grads = self._task_grad if self.grad == "task" else {
+            n: p.grad for n, p in params.items() if p.grad is not None
+        }
+        names = [n for n in params if n in grads]
+        current = [params[n].detach() for n in names]
+        prev = [self._prev[n] for n in names]
+        step = torch._foreach_sub(current, prev)
+        torch._foreach_addcmul_([self._w[n] for n in names], [grads[n] for n in names], step, value=-1.0)
+        torch._foreach_copy_(list(self._prev.values()), [params[n].detach() for n in self._prev])
 
     @torch.no_grad()
     def after_task(self, model: nn.Module, task: Task) -> None:
