@@ -144,7 +144,8 @@ class ConsoleLogger(TrainerEvents):
         for i, row in enumerate(result["accuracy_matrix"]):
             table.add_row(f"T{i + 1}", *[f"{100 * a:.2f}" for a in row])
         self.console.print(table)
-        m = Table(title=f"{result['method']} (λ={result['lambda']}) on {result['benchmark']}, {result['scenario']}-IL, seed {result['seed']}")
+        strength = "" if result["lambda"] is None else f" (λ={result['lambda']:g})"
+        m = Table(title=f"{result['method']}{strength} on {result['benchmark']}, {result['scenario']}-IL, seed {result['seed']}")
         for name in METRIC_NAMES:
             m.add_column(name.upper() if name != "learning_accuracy" else "LA", justify="right")
         m.add_column("time", justify="right")

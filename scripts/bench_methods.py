@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cl_runner.data.stream import Task
+from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods import build_method, eval_mode
 from cl_runner.methods import per_sample
 from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
 from cl_runner.models import MLP
-from cl_runner.trainer import task_loss
+from cl_runner.trainer import Trainer
 
 METHODS = [
     ("finetune", {}, 0),
@@ -93,28 +93,15 @@ def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
         method.after_task(model, task)
     task = Task(n_tasks, "bench", x, y, x[:10], y[:10], list(range(10)), units, units)
     method.before_task(model, task)
-    strength = method.strength
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, len(x), (128,), generator=g).to(device) for _ in range(steps + warmup)]
-    model.train()
-
-    def step(idx):  # the trainer's step (cl_runner/trainer.py)
-        opt.zero_grad(set_to_none=True)
-        loss = task_loss(model(x[idx]), y[idx], units)
-        loss.backward()
-        method.after_backward(model)
-        if strength:
-            method.add_penalty_grad(model)
-        opt.step()
-        method.after_step(model)
+    # the trainer's own step loop (cl_runner/trainer.py), on this one task
+    trainer = Trainer(model, method, None, lambda m: opt, batch_size=128, iterations=steps, seed=1)
+    data = method.training_data(TaskStream("bench", "domain", [task], 10, (1, 32, 32)), 0)
 
     def run_once() -> float:
-        for idx in batches[:warmup]:
-            step(idx)
+        trainer._train_task(data, opt, warmup, device, 0)
         sync(device)
         t0 = time.perf_counter()
-        for idx in batches[warmup:]:
-            step(idx)
+        trainer._train_task(data, opt, steps, device, 0)
         sync(device)
         return (time.perf_counter() - t0) / steps * 1e3
 
