@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_runner.data.datasets import DatasetUnavailable
 from cl_runner.data.stream import SCENARIOS
+from cl_runner.identity import run_identity
 
 CONFIG_MODULE = "cl_runner.configs"
 USER_ERRORS = (ValueError, DatasetUnavailable)
@@ -81,13 +82,6 @@ def resolve_device(name: Any) -> "torch.device":
 # ----------------------------------------------------------------------------- the run
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The config values that identify a run (in metrics.json and the sweep summary)."""
-
-    def get(path: str) -> Any:
-        try:
-            return OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
-        except Exception:  # a broken interpolation must not hide the failure being recorded
-            return None
-
     experiment = None
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -96,21 +90,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             experiment = HydraConfig.get().runtime.choices.get("experiment")
     except Exception:
         pass
-    method_options = {}
-    if isinstance(cfg.get("method"), DictConfig):
-        resolved = OmegaConf.to_container(cfg.method, resolve=True)
-        method_options = {k: v for k, v in resolved.items() if k not in ("name", "lambda")}
-    return {
-        "method": get("method.name"),
-        "lambda": get("lambda"),
-        "benchmark": get("benchmark.name"),
-        "scenario": get("scenario"),
-        "seed": get("seed"),
-        "model": get("model.name"),
-        "optimizer": get("optimizer.name"),
-        "experiment": experiment,
-        "method_options": method_options,
-    }
+    return run_identity(cfg, experiment)
 
 
 def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[str, Any]:

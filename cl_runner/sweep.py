@@ -31,6 +31,8 @@ from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
 
+from cl_runner.identity import run_identity
+
 METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
 METRIC_TITLES = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "learning_accuracy": "LA"}
 IDENTITY = ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer", "experiment")
@@ -79,27 +81,13 @@ def _identity_from_config(job: Path, overrides: list[str]) -> dict[str, Any]:
         try:
             from omegaconf import OmegaConf
 
-            cfg = OmegaConf.load(path)
-            for key, sel in (
-                ("method", "method.name"), ("lambda", "lambda"), ("benchmark", "benchmark.name"),
-                ("scenario", "scenario"), ("seed", "seed"), ("model", "model.name"), ("optimizer", "optimizer.name"),
-            ):
-                ident[key] = OmegaConf.select(cfg, sel, throw_on_resolution_failure=False)
-            method = cfg.get("method")
-            if method is not None:
-                opts = OmegaConf.to_container(method, resolve=False)
-                for k, v in list(opts.items()):
-                    if isinstance(v, str) and "${" in v:  # resolve one by one: one broken value must not lose the rest
-                        opts[k] = OmegaConf.select(cfg, f"method.{k}", throw_on_resolution_failure=False)
-                ident["method_options"] = {k: v for k, v in opts.items() if k not in ("name", "lambda")}
+            ident = run_identity(OmegaConf.load(path))
         except Exception:
             pass
     for o in overrides:  # fill what config.yaml did not give
         key, _, value = o.lstrip("+~").partition("=")
-        field = {"method": "method", "lambda": "lambda", "benchmark": "benchmark", "scenario": "scenario", "seed": "seed",
-                 "model": "model", "optimizer": "optimizer", "experiment": "experiment"}.get(key)
-        if field and ident.get(field) is None:
-            ident[field] = _parse_scalar(value)
+        if key in IDENTITY and ident.get(key) is None:
+            ident[key] = _parse_scalar(value)
     return ident
 
 
