@@ -332,16 +332,16 @@ def hydra_main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:
         _SWEEP["dir"] = hc.sweep.dir
-    job = f"job {hc.job.num}" if multirun else "run"
+    job = f"job {hc.job.num}: " if multirun else ""
     try:
         run_experiment(cfg, out_dir)
     except AlreadyFinished as e:
         if not multirun:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        print(f"{job}: already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
+        print(f"{job}already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
     except RunStopped as e:
-        print(f"{'error: ' if e.status == 'diverged' else ''}{job}: {e} (results so far: {out_dir})", file=sys.stderr)
+        print(f"{'error: ' if e.status == 'diverged' else ''}{job}{e} (results so far: {out_dir})", file=sys.stderr)
         if e.status == "interrupted":
             if multirun:
                 raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep
@@ -351,16 +351,16 @@ def hydra_main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:  # before training started: nothing to keep
         if multirun:
             raise
-        print(f"{job}: interrupted before training started", file=sys.stderr)
+        print(f"{job}interrupted before training started", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except USER_ERRORS as e:
         if not multirun:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         record_failure(cfg, out_dir, _one_line(e))
-        print(f"error: {job} failed: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {job}failed: {_one_line(e)}", file=sys.stderr)
     except OSError as e:  # a full disk, a folder that vanished: a fault, not a bug
-        print(f"error: {job}: cannot write its results in {out_dir}: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {job}cannot write results in {out_dir}: {_one_line(e)}", file=sys.stderr)
         if not multirun:
             sys.exit(EXIT_FAILED)
     except Exception as e:
@@ -370,7 +370,7 @@ def hydra_main(cfg: DictConfig) -> None:
             pass
         if not multirun:
             raise  # a bug, not bad input: keep the traceback
-        print(f"error: {job} failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
+        print(f"error: {job}failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- command line
