@@ -166,13 +166,25 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return run_identity(cfg, experiment)
 
 
+def check_same_config(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
+    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
+    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
+    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    diffs = config_differences(saved, new)
+    if diffs:
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise ValueError(
+            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
+            "command to resume it, or choose another folder"
+        )
+
+
 def _claim_config(out_dir: Path, resolved: dict[str, Any]) -> None:
     """Save the run's resolved config, or check that a resumed folder was made by the same one."""
-    path = out_dir / CONFIG
-    if path.is_file():
-        _claim_config_check(out_dir, resolved)
+    if (out_dir / CONFIG).is_file():
+        check_same_config(out_dir, resolved)
     else:
-        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_atomic(out_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[str, Any]:
@@ -305,7 +317,8 @@ def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | 
     """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
     from cl_runner.loggers import write_result_files
 
-    if read_status(out_dir) is not None and read_status(out_dir).get("status") in FINISHED:
+    previous = read_status(out_dir)
+    if previous is not None and previous.get("status") in FINISHED:
         return
     result = {"status": "failed", "error": message, **identity(cfg)}
     result.update({k: None for k in (*METRIC_KEYS, "wall_time_s")})
@@ -446,22 +459,9 @@ def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
         )
     if (folder / CONFIG).is_file():
         try:
-            _claim_config_check(folder, cfg)
+            check_same_config(folder, cfg)
         except ValueError as e:
             raise UsageError(str(e)) from None
-
-
-def _claim_config_check(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
-    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
-    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
-    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    diffs = config_differences(saved, new)
-    if diffs:
-        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-        raise ValueError(
-            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
-            "command to resume it, or choose another folder"
-        )
 
 
 def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
