@@ -557,7 +557,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
             tmp.replace(png)
             made = True
             md += ["", "## Trade-off", "", "![ACC, BWT and learning accuracy against λ](tradeoff.png)"]
-            _write_tensorboard(sweep_dir, fig, "\n".join(md))
+            _write_tensorboard(sweep_dir, _tradeoff(rows, vertical=True), "\n".join(md))
     if not made and png.exists():
         png.unlink()
     _write_atomic(md_path, "\n".join(md) + "\n")
@@ -575,7 +575,8 @@ def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
     extras = [e for e in ("benchmark", "scenario", "model", "optimizer", "experiment") if _varying(ok, e)]
 
     def label(r: dict[str, Any]) -> str:
-        return " ".join([str(r.get("method"))] + [str(r.get(e)) for e in extras] + [f"{k}={_swept_value(r, k)}" for k in keys])
+        swept = [f"{k}={_swept_value(r, k)}" for k in keys if _swept_value(r, k)]
+        return " ".join([str(r.get("method"))] + [str(r.get(e)) for e in extras] + swept)
 
     def stats(members: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
         out = {}
@@ -599,7 +600,7 @@ def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
     return series, {lab: stats(ms) for lab, ms in refs.items()}, n
 
 
-def _tradeoff(rows: list[dict[str, Any]]):
+def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
     data = tradeoff_data(rows)
     if data is None:
         return None
@@ -609,12 +610,13 @@ def _tradeoff(rows: list[dict[str, Any]]):
     where = ", ".join(
         f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}" for k in ("benchmark", "scenario") if not _varying(ok, k)
     )
-    return tradeoff_figure(*data, where=where)
+    return tradeoff_figure(*data, where=where, vertical=vertical)
 
 
 def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
-    """The trade-off figure (image ``sweep/tradeoff``) and summary.md (text ``sweep/summary``) in the
-    TensorBoard run ``summary`` of the sweep folder; a rebuilt summary replaces the old events."""
+    """The trade-off figure (image ``sweep/tradeoff``, its panels stacked to stay legible at card
+    size) and summary.md (text ``sweep/summary``) in the TensorBoard run ``summary`` of the sweep
+    folder; a rebuilt summary replaces the old events."""
     from torch.utils.tensorboard import SummaryWriter
 
     from cl_runner.tb_extras import figure_to_array

@@ -115,7 +115,7 @@ def curves_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (
     if initial is not None:
         values = np.vstack([_as_percent([initial])[:, :n_cols], values])
         xs = np.arange(0, n_rows + 1)
-    fig = _figure(4.6, 3.2)
+    fig = _figure(3.8, 2.9)
     ax = fig.add_subplot()
     import matplotlib
 
@@ -129,14 +129,14 @@ def curves_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (
         if before.sum() > 1:
             ax.plot(xs[before], y[before], ":", color=colour, linewidth=1.0)
     step = 1 if len(xs) <= 12 else 2
-    ax.set_xticks(xs[::step], ["init" if x == 0 else str(x) for x in xs[::step]], fontsize=9)
-    ax.tick_params(axis="y", labelsize=9)
+    ax.set_xticks(xs[::step], ["init" if x == 0 else str(x) for x in xs[::step]], fontsize=10)
+    ax.tick_params(axis="y", labelsize=10)
     ax.set_xlabel("tasks trained", fontsize=10, labelpad=1)
     ax.set_ylabel("accuracy on task (%)", fontsize=10, labelpad=1)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(title="task", title_fontsize=9, fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              ncol=min(n_cols, 10), frameon=False, handlelength=1.2, columnspacing=0.8, borderaxespad=0.2)
+    ax.legend(title="task", title_fontsize=10, fontsize=10, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=min(n_cols, 10), frameon=False, handlelength=1.0, columnspacing=0.6, handletextpad=0.3, borderaxespad=0.2)
     fig.tight_layout(pad=0.3)
     return fig
 
@@ -150,19 +150,21 @@ _TRADEOFF_PANELS = (("acc", "ACC (%)"), ("bwt", "BWT (%)"), ("learning_accuracy"
 
 
 def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
-                    references: Mapping[str, Mapping[str, tuple[float, float]]], n_seeds: int = 1, where: str = ""):
+                    references: Mapping[str, Mapping[str, tuple[float, float]]], n_seeds: int = 1, where: str = "",
+                    vertical: bool = False):
     """ACC, BWT and learning accuracy against λ, one panel each, one line per series (method and
     other swept settings) with a ± std band when there are several seeds; methods without λ
     (finetune, joint) as dashed horizontal lines. x axis logarithmic; when λ = 0 is among the values
     it is ``symlog``: linear between 0 and the smallest positive λ, logarithmic above, so 0 sits at
     the left edge instead of being dropped. ``series``/``references`` as built by
-    ``cl_runner.sweep.tradeoff_data`` (percent)."""
+    ``cl_runner.sweep.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
+    figure, legible at TensorBoard's card size (the sweep folder's PNG has them side by side)."""
     import matplotlib
 
     lams = sorted({lam for points in series.values() for lam, _ in points})
     positive = [x for x in lams if x > 0]
-    fig = _figure(13.5, 4.4)
-    axes = fig.subplots(1, 3)
+    fig = _figure(4.6, 10.0) if vertical else _figure(13.5, 4.4)
+    axes = fig.subplots(3, 1) if vertical else fig.subplots(1, 3)
     colours = matplotlib.colormaps["tab10"]
     for k, (label, points) in enumerate(series.items()):
         colour = colours(k % 10)
@@ -197,11 +199,14 @@ def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tupl
         ax.grid(alpha=0.3)
     axes[1].axhline(0.0, color="0.5", linewidth=0.8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    per_row = 2 if vertical else 4
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=9, frameon=False)
     spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
-    fig.suptitle(f"Trade-off against λ{' — ' + where if where else ''} ({spread})", fontsize=12)
-    rows_of_legend = math.ceil(len(labels) / 4)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows_of_legend, 1, 1))
+    where = f" — {where}" if where else ""
+    fig.suptitle(f"Trade-off against λ{where}\n({spread})" if vertical else f"Trade-off against λ{where} ({spread})",
+                 fontsize=11 if vertical else 12)
+    legend_h = math.ceil(len(labels) / per_row) * (0.022 if vertical else 0.045)
+    fig.tight_layout(rect=(0, 0.02 + legend_h, 1, 1), h_pad=1.2)
     return fig
 
 
