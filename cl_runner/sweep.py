@@ -550,14 +550,17 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
     png = sweep_dir / "tradeoff.png"
     made = False
     if figure:
-        fig = _tradeoff(rows)
-        if fig is not None:
-            tmp = png.with_name("tradeoff.tmp.png")
-            fig.savefig(tmp)
-            tmp.replace(png)
-            made = True
-            md += ["", "## Trade-off", "", "![ACC, BWT and learning accuracy against λ](tradeoff.png)"]
-            _write_tensorboard(sweep_dir, _tradeoff(rows, vertical=True), "\n".join(md))
+        try:
+            fig = _tradeoff(rows)
+            if fig is not None:
+                tmp = png.with_name("tradeoff.tmp.png")
+                fig.savefig(tmp)
+                tmp.replace(png)
+                made = True
+                md += ["", "## Trade-off", "", "![ACC, BWT and learning accuracy against λ](tradeoff.png)"]
+                _write_tensorboard(sweep_dir, _tradeoff(rows, vertical=True), "\n".join(md))
+        except Exception as e:  # noqa: BLE001 - the tables matter more than the figure
+            print(f"summary: no trade-off figure: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
     if not made and png.exists():
         png.unlink()
     _write_atomic(md_path, "\n".join(md) + "\n")
@@ -678,20 +681,28 @@ def summarize(sweep_dir: str | Path, console=None, quiet: bool = False, joint_di
     return rows
 
 
+# The rows of the last summary the callback built in this process (None: none built), so that
+# ``cl-run`` can end a multirun with ``sys.exit(sweep_status(LAST_ROWS))``.
+LAST_ROWS: list[dict[str, Any]] | None = None
+
+
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, summarize ``hydra.sweep.dir`` from the files on
     disk (works for any launcher). Never raises: a broken summary must not hide the results. The
-    rows are kept in ``self.rows`` (for the multirun's exit code, :func:`sweep_status`)."""
+    rows are kept in ``self.rows`` and the module's ``LAST_ROWS`` (for the multirun's exit code,
+    :func:`sweep_status`)."""
 
     rows: list[dict[str, Any]] | None = None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        global LAST_ROWS
+        LAST_ROWS = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if not sweep_dir.is_dir():
                 print(f"summary: sweep directory {sweep_dir} does not exist; nothing to summarize", file=sys.stderr)
                 return
-            self.rows = summarize(sweep_dir)
+            self.rows = LAST_ROWS = summarize(sweep_dir)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
             print(f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
 

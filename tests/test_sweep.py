@@ -186,6 +186,7 @@ def test_callback_summarizes_and_never_raises(mixed_sweep, monkeypatch, capsys):
     cb = sweep.SummaryCallback()
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep)}}}))
     assert len(_read_csv(mixed_sweep / "summary.csv")) == 5
+    assert len(sweep.LAST_ROWS) == 5 and sweep.sweep_status(sweep.LAST_ROWS) == 1  # for cl-run's exit code
 
     def broken(*a, **k):
         raise RuntimeError("disk full\nsecond line")
