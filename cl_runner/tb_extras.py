@@ -262,7 +262,8 @@ def write_hparams(
     passes the run's folder name, e.g. ``3_lambda=10,method=ewc (2025-01-01_12-00-00)``); without
     a name, a hash of all hyperparameters. Seeds are never grouped: the dashboard copies one
     session's values into a group's row, so grouping seeds would show a wrong seed (summary.md has
-    the mean ± std). ``status`` "ok" → STATUS_SUCCESS, anything else → STATUS_FAILURE.
+    the mean ± std). ``status`` "ok" → STATUS_SUCCESS, "failed"/"diverged" → STATUS_FAILURE,
+    anything else (interrupted, cancelled, timeout: resumable) → STATUS_UNKNOWN.
     """
     import hashlib
 
@@ -293,8 +294,9 @@ def write_hparams(
             continue
         tag = name if str(name).startswith("hparam/") else f"hparam/{name}"
         writer.add_scalar(tag, _metric_value(value), step)
+    code = {"ok": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE, "diverged": api_pb2.STATUS_FAILURE}
     end = plugin_data_pb2.SessionEndInfo(
-        status=api_pb2.STATUS_SUCCESS if status == "ok" else api_pb2.STATUS_FAILURE,
+        status=code.get(status, api_pb2.STATUS_UNKNOWN),
         end_time_secs=time.time(),
     )
     fw.add_summary(

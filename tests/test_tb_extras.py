@@ -186,6 +186,9 @@ def test_write_hparams_failure_status_and_group_names(tmp_path):
     assert end_a.status == api_pb2.STATUS_FAILURE
     assert start_a.group_name and start_a.group_name != start_b.group_name  # one row per run
     assert start_c.group_name == "3_seed=1 (sweep)"  # the trial's readable name
+    with SummaryWriter(str(tmp_path / "d")) as w:
+        write_hparams(w, {"method": "si"}, {}, status="interrupted")
+    assert _session(_acc(tmp_path / "d"))[2].status == api_pb2.STATUS_UNKNOWN  # resumable, not a failure
     assert [(e.step, e.value) for e in _acc(tmp_path / "c").Scalars("hparam/acc")] == [(12, 0.5)]
 
 
