@@ -241,8 +241,11 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
     saved = load_checkpoint(out_dir, device)
     earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
-    console_log = ConsoleLogger(console)
-    tb = TensorBoardLogger(out_dir / "tb", len(stream), cfg.log_every)
+    console_log = ConsoleLogger(console, run_dir=out_dir)
+    # a resumed run hides what the interrupted attempt logged after its checkpoint's last event
+    # (at step = steps so far): no curve is drawn twice
+    purge = saved["trainer"]["steps"] + 1 if saved else None
+    tb = TensorBoardLogger(out_dir, len(stream), cfg.log_every, purge_step=purge)
 
     def checkpoint(state: dict[str, Any]) -> None:
         tb.writer.flush()  # the events of finished tasks survive a kill -9, like the checkpoint
@@ -298,14 +301,15 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
         write_result_files(out_dir, result)
         if status == "ok":
             tb.final(result, hparams)
-        elif status == "diverged":
-            tb.failed(hparams)
+        else:
+            tb.failed(hparams, status=status)  # interrupted: "unknown" in HParams, resumable
     except BaseException:
         tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
         raise
     finally:
         tb.close()
     if status != "ok":
+        console_log.where(result)
         raise RunStopped(status, message, out_dir)
     if not cfg.keep_checkpoint:
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
@@ -562,8 +566,8 @@ def main() -> None:
         sys.exit(EXIT_INTERRUPTED)
     from cl_runner import sweep
 
-    if sweep.LAST_STATUS:  # a finished multirun in which some job did not end ok
-        sys.exit(EXIT_FAILED)
+    if sweep.LAST_ROWS is not None:  # a finished multirun: 1 when some job did not end ok
+        sys.exit(sweep.sweep_status(sweep.LAST_ROWS))
 
 
 if __name__ == "__main__":

@@ -39,19 +39,30 @@ def test_run_writes_consistent_files(finished_run):
 def test_tensorboard_events_hold_the_same_matrix(finished_run):
     out, _ = finished_run
     m = json.loads((out / "metrics.json").read_text())
-    ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    # events in the run folder itself (TensorBoard names the run after it), percent, step = optimizer steps
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     ea.Reload()
     R = m["accuracy_matrix"]
+    per_task = m["steps"] // 5  # the five tasks of the default stream have the same number of steps
     for j in range(5):
         events = ea.Scalars(f"acc/task_{j + 1}")
-        assert [e.step for e in events] == [1, 2, 3, 4, 5]
-        assert [e.value for e in events] == pytest.approx([R[i][j] for i in range(5)], abs=1e-6)
-    assert ea.Scalars("metrics/acc")[-1].value == pytest.approx(m["acc"], abs=1e-6)
-    assert ea.Scalars("metrics/bwt")[-1].value == pytest.approx(m["bwt"], abs=1e-6)
+        assert [e.step for e in events] == [0] + [per_task * (i + 1) for i in range(5)]
+        assert [e.value for e in events] == pytest.approx(
+            [100 * m["initial_accuracy"][j]] + [100 * R[i][j] for i in range(5)], abs=1e-4)
+    hp = EventAccumulator(str(out / "hparams"), size_guidance={"scalars": 0})
+    hp.Reload()
+    assert hp.Scalars("hparam/acc")[-1].value == pytest.approx(100 * m["acc"], abs=1e-4)
+    assert hp.Scalars("hparam/bwt")[-1].value == pytest.approx(100 * m["bwt"], abs=1e-4)
     assert len(ea.Scalars("train/loss")) == m["steps"]
     assert len(ea.Scalars("train/penalty")) == m["steps"]
     text = make_ndarray(ea.Tensors("accuracy_matrix/text_summary")[-1].tensor_proto).item().decode()
     assert f"{100 * R[4][0]:.2f}" in text and text.count("| T") >= 5
+
+
+def test_run_ends_by_naming_its_folder(finished_run):
+    out, proc = finished_run
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0] == f"results (ok): {out}" and last[1].strip() == f"tensorboard --logdir {out}"
 
 
 def test_help_lists_groups_and_options():
