@@ -18,7 +18,7 @@ from cl_runner.loggers import read_matrix_csv
 from conftest import CL_RUN, cl_run, compose_config
 
 # long enough to be interrupted between tasks (5 tasks of ~1–2 s each on one thread)
-LONG = ["epochs=30", "threads=1"]
+LONG = ["benchmark=split_digits", "epochs=30", "threads=1"]
 
 
 def _popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
@@ -171,7 +171,8 @@ def test_a_sweep_into_a_folder_of_another_sweep_is_refused(tmp_path):
 def test_divergence_stops_the_run_and_keeps_the_finished_rows(tmp_path):
     # task 1 trains normally; from task 2 on, the penalty's gradient explodes the parameters
     out = tmp_path / "run"
-    proc = cl_run("method=ewc", "lambda=1e12", "optimizer=sgd", "optimizer.lr=0.1", "threads=1", f"hydra.run.dir={out}")
+    proc = cl_run("benchmark=split_digits", "method=ewc", "lambda=1e12", "optimizer=sgd", "optimizer.lr=0.1", "threads=1",
+                  f"hydra.run.dir={out}")
     assert proc.returncode == 3
     line = _one_error_line(proc.stderr)
     assert line.startswith("error: diverged: non-finite") and "task 2, step" in line and str(out) in line
@@ -196,7 +197,7 @@ def test_a_diverged_job_is_a_row_and_the_sweep_goes_on(tmp_path):
 # ----------------------------------------------------------------------------- one folder, one run
 def test_two_processes_never_share_a_run_folder(tmp_path):
     out = tmp_path / "run"
-    procs = [_popen("epochs=20", "threads=1", f"hydra.run.dir={out}") for _ in range(2)]
+    procs = [_popen("benchmark=split_digits", "epochs=20", "threads=1", f"hydra.run.dir={out}") for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], results
