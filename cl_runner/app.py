@@ -18,7 +18,7 @@ import time
 import traceback
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,9 @@ from cl_runner.runfiles import (
     save_checkpoint,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_MODULE = "cl_runner.configs"
 USER_ERRORS = (ValueError, DatasetUnavailable)
@@ -75,12 +78,10 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     resolve_device(cfg.device)
-    from cl_runner.data.benchmarks import check_benchmark
+    from cl_runner.data.benchmarks import check_benchmark, input_shape
     from cl_runner.methods import build_method
-    from cl_runner.trainer import make_optimizer_factory
-
-    from cl_runner.data.benchmarks import input_shape
     from cl_runner.models import build_model
+    from cl_runner.trainer import make_optimizer_factory
 
     check_benchmark(cfg.benchmark, cfg.scenario)
     make_optimizer_factory(cfg.optimizer)
@@ -89,7 +90,7 @@ def validate(cfg: DictConfig) -> None:
     build_model(cfg.model, input_shape(cfg.benchmark), 10)
 
 
-def resolve_device(name: Any) -> "torch.device":
+def resolve_device(name: Any) -> torch.device:
     import torch
 
     name = str(name)
@@ -115,7 +116,9 @@ class AlreadyFinished(ValueError):
 
     def __init__(self, out_dir: Path, status: str):
         self.status = status
-        super().__init__(f"{out_dir} already holds a finished run (metrics.json, status {status}); choose another hydra.run.dir")
+        super().__init__(
+            f"{out_dir} already holds a finished run (metrics.json, status {status}); choose another hydra.run.dir"
+        )
 
 
 class RunStopped(Exception):
@@ -238,7 +241,9 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     hparams = {k: ident[k] for k in ("method", "benchmark", "scenario", "seed", "model", "optimizer")}
     hparams["lambda"] = method.strength if method.uses_strength else None
     hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})
-    hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
+    hparams.update(
+        {"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size}
+    )
     saved = load_checkpoint(out_dir, device)
     earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
     console_log = ConsoleLogger(console, run_dir=out_dir)
@@ -410,7 +415,9 @@ def _flat_keys(node: Any, prefix: str = "") -> list[str]:
         return [prefix[:-1]]
     keys = []
     for k in node.keys():
-        keys += _flat_keys(node._get_node(k), f"{prefix}{k}.") if OmegaConf.is_dict(node._get_node(k)) else [f"{prefix}{k}"]
+        keys += (
+            _flat_keys(node._get_node(k), f"{prefix}{k}.") if OmegaConf.is_dict(node._get_node(k)) else [f"{prefix}{k}"]
+        )
     return keys
 
 
@@ -459,7 +466,8 @@ def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
     status = read_status(folder)
     if status is not None and status.get("status") in FINISHED:
         raise UsageError(
-            f"hydra.run.dir={folder} already holds finished results (status {status.get('status')}); choose another folder"
+            f"hydra.run.dir={folder} already holds finished results (status {status.get('status')}); "
+            "choose another folder"
         )
     if (folder / CONFIG).is_file():
         try:
@@ -483,7 +491,9 @@ def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
         return
     finished = sorted(folder.glob("**/metrics.json"))
     if finished:
-        raise UsageError(f"hydra.sweep.dir={folder} already holds finished results ({finished[0]}); choose another folder")
+        raise UsageError(
+            f"hydra.sweep.dir={folder} already holds finished results ({finished[0]}); choose another folder"
+        )
 
 
 def precheck(argv: list[str]) -> None:

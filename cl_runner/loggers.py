@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,7 +21,9 @@ from cl_runner.trainer import TrainerEvents
 METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
 
 
-def matrix_markdown(matrix: Sequence[Sequence[float]], task_names: Sequence[str], initial: Sequence[float] | None = None) -> str:
+def matrix_markdown(
+    matrix: Sequence[Sequence[float]], task_names: Sequence[str], initial: Sequence[float] | None = None
+) -> str:
     """The accuracy matrix as a markdown table (percent): rows = after training task i."""
     header = "| after \\ on | " + " | ".join(f"T{j + 1} {n}" for j, n in enumerate(task_names)) + " |"
     lines = [header, "|" + "---|" * (len(task_names) + 1)]
@@ -68,8 +71,9 @@ class TensorBoardLogger(TrainerEvents):
     written once, as ``hparam/<metric>`` in ``<run>/hparams``.
     """
 
-    def __init__(self, log_dir: Path, n_tasks: int, log_every: int = 1, trial: str | None = None,
-                 purge_step: int | None = None):
+    def __init__(
+        self, log_dir: Path, n_tasks: int, log_every: int = 1, trial: str | None = None, purge_step: int | None = None
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         from cl_runner import tb_extras
@@ -118,18 +122,24 @@ class TensorBoardLogger(TrainerEvents):
             self.step,
         )
         if matrix:
-            self.writer.add_image("accuracy_matrix/heatmap", self.extras.accuracy_heatmap(matrix, names), self.step,
-                                  dataformats="HWC")
-            self.writer.add_image("accuracy_matrix/per_task_curves",
-                                  self.extras.accuracy_curves(matrix, names, result["initial_accuracy"]), self.step,
-                                  dataformats="HWC")
+            self.writer.add_image(
+                "accuracy_matrix/heatmap", self.extras.accuracy_heatmap(matrix, names), self.step, dataformats="HWC"
+            )
+            self.writer.add_image(
+                "accuracy_matrix/per_task_curves",
+                self.extras.accuracy_curves(matrix, names, result["initial_accuracy"]),
+                self.step,
+                dataformats="HWC",
+            )
         metrics = {k: 100.0 * result[k] for k in METRIC_NAMES if result.get(k) is not None}
         self._hparams(hparams, metrics, result.get("status", "ok"))
 
     def _steps_note(self, names: Sequence[str]) -> str:
         ends = ", ".join(f"T{i + 1} at step {s}" for i, s in enumerate(self.task_end_steps))
-        return (f"Accuracies in %. Step axis = optimizer steps since the start of the run: step 0 = the initial "
-                f"model; tasks ended at: {ends or 'none'}.")
+        return (
+            f"Accuracies in %. Step axis = optimizer steps since the start of the run: step 0 = the initial "
+            f"model; tasks ended at: {ends or 'none'}."
+        )
 
     def failed(self, hparams: dict[str, Any], status: str = "failed") -> None:
         self._hparams(hparams, {}, status)
@@ -180,7 +190,10 @@ class ConsoleLogger(TrainerEvents):
             table.add_row(f"T{i + 1}", *[f"{100 * a:.2f}" for a in row])
         self.console.print(table)
         strength = "" if result["lambda"] is None else f" (λ={result['lambda']:g})"
-        m = Table(title=f"{result['method']}{strength} on {result['benchmark']}, {result['scenario']}-IL, seed {result['seed']}")
+        m = Table(
+            title=f"{result['method']}{strength} on {result['benchmark']}, {result['scenario']}-IL, "
+            f"seed {result['seed']}"
+        )
         for name in METRIC_NAMES:
             m.add_column(name.upper() if name != "learning_accuracy" else "LA", justify="right")
         m.add_column("time", justify="right")
@@ -209,7 +222,13 @@ def _hydra_output_dir() -> str | None:
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.2f}" if v < 0 else f"{100 * v:.2f}"
+    return (
+        "n/a"
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else f"{100 * v:+.2f}"
+        if v < 0
+        else f"{100 * v:.2f}"
+    )
 
 
 class Fanout(TrainerEvents):

@@ -23,7 +23,7 @@ With a single task, BWT, FWT and forgetting are undefined and returned as None.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float]]
 
@@ -60,7 +60,7 @@ def forgetting(R: Matrix) -> float | None:
     T = _check(R)
     if T < 2:
         return None
-    return sum(max(R[l][j] for l in range(T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
+    return sum(max(R[i][j] for i in range(T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
 
 
 def learning_accuracy(R: Matrix) -> float:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config_resolved.yaml"
@@ -53,7 +54,7 @@ class RunLock:
         self.path = Path(folder) / LOCK
         self.fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -42,8 +42,9 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from hydra.experimental.callback import Callback
 
@@ -52,12 +53,26 @@ from cl_runner.identity import job_dirname, run_identity, sweep_jobs, varying_ke
 METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
 OPTIONAL_METRICS = ("intransigence",)
 METRIC_TITLES = {
-    "acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "learning_accuracy": "LA",
+    "acc": "ACC",
+    "bwt": "BWT",
+    "fwt": "FWT",
+    "forgetting": "forgetting",
+    "learning_accuracy": "LA",
     "intransigence": "intransigence",
 }
 STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
 IDENTITY = ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer", "experiment")
-GROUP_FIELDS = ("method", "lambda", "benchmark", "scenario", "model", "optimizer", "experiment", "method_options", "other")
+GROUP_FIELDS = (
+    "method",
+    "lambda",
+    "benchmark",
+    "scenario",
+    "model",
+    "optimizer",
+    "experiment",
+    "method_options",
+    "other",
+)
 # Overrides already represented by an identifying field, or that do not change the result, are left
 # out of the "other" part of a setting.
 _COVERED = set(IDENTITY) | {"data_dir", "device", "download", "threads", "log_every"}
@@ -188,7 +203,9 @@ def collect(sweep_dir: str | Path, joint_dirs: Iterable[str | Path] = ()) -> lis
         overrides = _read_overrides(job)
         num = _job_num(job.name)
         row: dict[str, Any] = {
-            "num": int(num) if num != math.inf else None, "job": str(job.relative_to(sweep_dir)), "overrides": overrides,
+            "num": int(num) if num != math.inf else None,
+            "job": str(job.relative_to(sweep_dir)),
+            "overrides": overrides,
         }
         data = None
         metrics_path = job / "metrics.json"
@@ -234,20 +251,33 @@ def _excluded_keys(multirun_yaml: Path) -> set[str]:
     try:
         from omegaconf import OmegaConf
 
-        return set(OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or [])
+        return set(
+            OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or []
+        )
     except Exception:
         return set()
 
 
 # ----------------------------------------------------------------------------- intransigence
 def _reference_key(row: dict[str, Any]) -> tuple:
-    return (row.get("benchmark"), row.get("scenario"), _fmt_plain(row.get("seed")), row.get("model"),
-            row.get("optimizer"), row.get("experiment"), _other_overrides(row))
+    return (
+        row.get("benchmark"),
+        row.get("scenario"),
+        _fmt_plain(row.get("seed")),
+        row.get("model"),
+        row.get("optimizer"),
+        row.get("experiment"),
+        _other_overrides(row),
+    )
 
 
 def _is_joint_reference(row: dict[str, Any]) -> bool:
-    return (row.get("method") == "joint" and (row.get("method_options") or {}).get("mode") == "cumulative"
-            and row.get("status") == "ok" and bool(row.get("accuracy_matrix")))
+    return (
+        row.get("method") == "joint"
+        and (row.get("method_options") or {}).get("mode") == "cumulative"
+        and row.get("status") == "ok"
+        and bool(row.get("accuracy_matrix"))
+    )
 
 
 def add_intransigence(rows: list[dict[str, Any]], references: Iterable[dict[str, Any]] = ()) -> None:
@@ -291,9 +321,15 @@ def _options_text(options: Any) -> str:
 
 def _group_key(row: dict[str, Any]) -> tuple:
     return (
-        row.get("method"), _fmt_plain(row.get("lambda")), row.get("benchmark"), row.get("scenario"),
-        row.get("model"), row.get("optimizer"), row.get("experiment"),
-        _options_text(row.get("method_options")), _other_overrides(row),
+        row.get("method"),
+        _fmt_plain(row.get("lambda")),
+        row.get("benchmark"),
+        row.get("scenario"),
+        row.get("model"),
+        row.get("optimizer"),
+        row.get("experiment"),
+        _options_text(row.get("method_options")),
+        _other_overrides(row),
     )
 
 
@@ -307,7 +343,7 @@ def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key, members in groups.items():
         ok = [r for r in members if r.get("status") == "ok"]
-        g: dict[str, Any] = dict(zip(GROUP_FIELDS, key))
+        g: dict[str, Any] = dict(zip(GROUP_FIELDS, key, strict=True))
         g["lambda"] = members[0].get("lambda")
         g["method_options"] = members[0].get("method_options") or {}
         g["overrides"] = members[0].get("overrides") or []
@@ -471,8 +507,11 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
         for metric, reason in items:
             text = f"{metric}: {reason}" if metric else str(reason)
             seen.setdefault(" ".join(text.split()), []).append(r["job"])
-    return [f"- {text} ({len(jobs)} job{'s' if len(jobs) > 1 else ''}: {', '.join(f'`{j}`' for j in jobs[:3])}"
-            f"{', …' if len(jobs) > 3 else ''})" for text, jobs in seen.items()]
+    return [
+        f"- {text} ({len(jobs)} job{'s' if len(jobs) > 1 else ''}: {', '.join(f'`{j}`' for j in jobs[:3])}"
+        f"{', …' if len(jobs) > 3 else ''})"
+        for text, jobs in seen.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- write / print
@@ -497,8 +536,18 @@ def _job_csv(rows: list[dict[str, Any]]) -> str:
     """summary.csv: metrics as ``<metric>_pct`` (percent, full precision)."""
     keys = swept_keys(rows)
     metrics = _metrics_shown(rows)
-    fields = ["num", "job", "status", *IDENTITY, *keys, *(f"{m}_pct" for m in metrics), "wall_time_s",
-              "method_options", "overrides", "error"]
+    fields = [
+        "num",
+        "job",
+        "status",
+        *IDENTITY,
+        *keys,
+        *(f"{m}_pct" for m in metrics),
+        "wall_time_s",
+        "method_options",
+        "overrides",
+        "error",
+    ]
     getters: dict[str, Any] = {k: (lambda r, k=k: _swept_value(r, k)) for k in keys}
     getters.update({f"{m}_pct": (lambda r, m=m: _percent(r.get(m))) for m in metrics})
     return _csv_text(fields, rows, getters)
@@ -510,7 +559,9 @@ def _grouped_csv(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
     stats = [f"{m}_pct_{s}" for m in metrics for s in ("mean", "std")]
     fields = [*GROUP_FIELDS, *keys, "n_jobs", "n_ok", "seeds", *stats, "wall_time_s_mean", "wall_time_s_std"]
     getters: dict[str, Any] = {k: (lambda g, k=k: _swept_value(g, k)) for k in keys}
-    getters.update({f"{m}_pct_{s}": (lambda g, m=m, s=s: _percent(g[f"{m}_{s}"])) for m in metrics for s in ("mean", "std")})
+    getters.update(
+        {f"{m}_pct_{s}": (lambda g, m=m, s=s: _percent(g[f"{m}_{s}"])) for m in metrics for s in ("mean", "std")}
+    )
     return _csv_text(fields, groups, getters)
 
 
@@ -540,8 +591,11 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
     if has_repeats(rows):
         groups = group(rows)
         md += [
-            "", "## Mean ± std over seeds", "",
-            "Over the jobs with status ok; std = sample standard deviation (n − 1).", "",
+            "",
+            "## Mean ± std over seeds",
+            "",
+            "Over the jobs with status ok; std = sample standard deviation (n − 1).",
+            "",
             _md_table(_group_columns(groups, rows), groups),
         ]
         _write_atomic(grouped_path, _grouped_csv(groups, rows))
@@ -611,7 +665,9 @@ def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
 
     ok = [r for r in rows if r.get("status") == "ok"]
     where = ", ".join(
-        f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}" for k in ("benchmark", "scenario") if not _varying(ok, k)
+        f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}"
+        for k in ("benchmark", "scenario")
+        if not _varying(ok, k)
     )
     return tradeoff_figure(*data, where=where, vertical=vertical)
 
@@ -642,8 +698,15 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
         console = Console()
         if not console.is_terminal:  # pipes and logs: rich would squeeze the tables into 80 columns
             console = Console(width=160)
-    style = {"ok": "green", "failed": "bold red", "diverged": "bold red", "missing": "yellow",
-             "interrupted": "yellow", "timeout": "yellow", "cancelled": "yellow"}
+    style = {
+        "ok": "green",
+        "failed": "bold red",
+        "diverged": "bold red",
+        "missing": "yellow",
+        "interrupted": "yellow",
+        "timeout": "yellow",
+        "cancelled": "yellow",
+    }
     table = Table(title=f"{title}: {_counts(rows)}")
     cols = _job_columns(rows, with_job=False)
     for t, _ in cols:
@@ -667,15 +730,18 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
         console.print(gt)
 
 
-def summarize(sweep_dir: str | Path, console=None, quiet: bool = False, joint_dirs: Iterable[str | Path] = (),
-              figure: bool = True) -> list[dict[str, Any]]:
+def summarize(
+    sweep_dir: str | Path, console=None, quiet: bool = False, joint_dirs: Iterable[str | Path] = (), figure: bool = True
+) -> list[dict[str, Any]]:
     """collect → write_summary → print_summary; the last lines printed name the summary's path."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir, joint_dirs)
     csv_path, md_path = write_summary(sweep_dir, rows, figure=figure)
     if not quiet:
         print_summary(rows, console)
-        also = ["summary.csv"] + [p.name for p in (sweep_dir / "summary_grouped.csv", sweep_dir / "tradeoff.png") if p.exists()]
+        also = ["summary.csv"] + [
+            p.name for p in (sweep_dir / "summary_grouped.csv", sweep_dir / "tradeoff.png") if p.exists()
+        ]
         print(f"summary: {md_path.resolve()} (also {', '.join(also)})")
         print(f"  tensorboard --logdir {sweep_dir.resolve()}")
     return rows
@@ -704,7 +770,10 @@ class SummaryCallback(Callback):
                 return
             self.rows = LAST_ROWS = summarize(sweep_dir)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
-            print(f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+            print(
+                f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}",
+                file=sys.stderr,
+            )
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -723,9 +792,14 @@ def main(argv: list[str] | None = None) -> int:
         "metrics.json and its multirun.yaml. Exit code: 0 all jobs ok, 1 some job not ok, 2 not a sweep folder.",
     )
     parser.add_argument("sweep_dir", help="a sweep directory (outputs/sweeps/<stamp>)")
-    parser.add_argument("--joint", action="append", default=[], metavar="DIR",
-                        help="another sweep folder whose method=joint (cumulative) jobs are the intransigence "
-                        "references (the sweep's own joint jobs are used in any case)")
+    parser.add_argument(
+        "--joint",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another sweep folder whose method=joint (cumulative) jobs are the intransigence "
+        "references (the sweep's own joint jobs are used in any case)",
+    )
     parser.add_argument("--quiet", action="store_true", help="write the files without printing the tables")
     args = parser.parse_args(argv)
     for key, path in [("sweep_dir", Path(args.sweep_dir))] + [("--joint", Path(d)) for d in args.joint]:
@@ -733,8 +807,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {key} {path} is not a directory", file=sys.stderr)
             return 2
         if not is_sweep_dir(path):
-            print(f"error: {key} {path} is not a sweep folder (no multirun.yaml and no job folders with .hydra/ or "
-                  "metrics.json)", file=sys.stderr)
+            print(
+                f"error: {key} {path} is not a sweep folder (no multirun.yaml and no job folders with .hydra/ or "
+                "metrics.json)",
+                file=sys.stderr,
+            )
             return 2
     rows = summarize(args.sweep_dir, quiet=args.quiet, joint_dirs=args.joint)
     return sweep_status(rows)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,9 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] 
     return figure_to_array(heatmap_figure(matrix, task_names))
 
 
-def curves_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None):
+def curves_figure(
+    matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None
+):
     """Per-task accuracy curves: x = tasks trained (0 = the initial model, when ``initial`` is
     given), y = test accuracy (%) on task j, one colour per task (legend "task": 1..T), solid from
     the point where task j has been trained, dotted before. The classic continual-learning plot of
@@ -135,13 +138,26 @@ def curves_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (
     ax.set_ylabel("accuracy on task (%)", fontsize=10, labelpad=1)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(title="task", title_fontsize=10, fontsize=10, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              ncol=min(n_cols, 10), frameon=False, handlelength=1.0, columnspacing=0.6, handletextpad=0.3, borderaxespad=0.2)
+    ax.legend(
+        title="task",
+        title_fontsize=10,
+        fontsize=10,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(n_cols, 10),
+        frameon=False,
+        handlelength=1.0,
+        columnspacing=0.6,
+        handletextpad=0.3,
+        borderaxespad=0.2,
+    )
     fig.tight_layout(pad=0.3)
     return fig
 
 
-def accuracy_curves(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None) -> np.ndarray:
+def accuracy_curves(
+    matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None
+) -> np.ndarray:
     """:func:`curves_figure` as an RGB image (H, W, 3) uint8."""
     return figure_to_array(curves_figure(matrix, task_names, initial))
 
@@ -149,9 +165,13 @@ def accuracy_curves(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] =
 _TRADEOFF_PANELS = (("acc", "ACC (%)"), ("bwt", "BWT (%)"), ("learning_accuracy", "learning accuracy (%)"))
 
 
-def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
-                    references: Mapping[str, Mapping[str, tuple[float, float]]], n_seeds: int = 1, where: str = "",
-                    vertical: bool = False):
+def tradeoff_figure(
+    series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
+    references: Mapping[str, Mapping[str, tuple[float, float]]],
+    n_seeds: int = 1,
+    where: str = "",
+    vertical: bool = False,
+):
     """ACC, BWT and learning accuracy against λ, one panel each, one line per series (method and
     other swept settings) with a ± std band when there are several seeds; methods without λ
     (finetune, joint) as dashed horizontal lines. x axis logarithmic; when λ = 0 is among the values
@@ -168,7 +188,7 @@ def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tupl
     colours = matplotlib.colormaps["tab10"]
     for k, (label, points) in enumerate(series.items()):
         colour = colours(k % 10)
-        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS):
+        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS, strict=True):
             pts = [(lam, st[metric]) for lam, st in points if metric in st]
             if not pts:
                 continue
@@ -180,13 +200,13 @@ def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tupl
                 ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
     for k, (label, st) in enumerate(references.items()):
         colour = colours((len(series) + k) % 10)
-        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS):
+        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS, strict=True):
             if metric in st:
                 mean, std = st[metric]
                 ax.axhline(mean, color=colour, linestyle="--", linewidth=1.4, label=f"{label} (no λ)")
                 if n_seeds > 1 and std > 0:
                     ax.axhspan(mean - std, mean + std, color=colour, alpha=0.10, linewidth=0)
-    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS):
+    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS, strict=True):
         if 0.0 in lams and positive:
             ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
             ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
@@ -203,8 +223,10 @@ def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tupl
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=9, frameon=False)
     spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     where = f" — {where}" if where else ""
-    fig.suptitle(f"Trade-off against λ{where}\n({spread})" if vertical else f"Trade-off against λ{where} ({spread})",
-                 fontsize=11 if vertical else 12)
+    fig.suptitle(
+        f"Trade-off against λ{where}\n({spread})" if vertical else f"Trade-off against λ{where} ({spread})",
+        fontsize=11 if vertical else 12,
+    )
     legend_h = math.ceil(len(labels) / per_row) * (0.022 if vertical else 0.045)
     fig.tight_layout(rect=(0, 0.02 + legend_h, 1, 1), h_pad=1.2)
     return fig
@@ -247,8 +269,12 @@ def _hparams_summary(tag: str, plugin_data) -> Any:
 
 
 def write_hparams(
-    writer, hparams: Mapping[str, Any], metrics: Mapping[str, Any], status: str = "ok",
-    trial: str | None = None, step: int = 0,
+    writer,
+    hparams: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    status: str = "ok",
+    trial: str | None = None,
+    step: int = 0,
 ) -> None:
     """Record this run as an HParams session in the writer's own folder (what
     ``add_hparams(..., run_name=".")`` does, minus the per-run experiment summary; see the module

@@ -7,8 +7,9 @@ losses stay on the device and are read back once per task (no host sync per step
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def evaluate(model: nn.Module, stream: TaskStream, trained: int, batch_size: int
     for j, task in enumerate(stream):
         lo, hi = stream.eval_units(trained, j)
         correct = torch.zeros((), device=task.y_test.device, dtype=torch.long)
-        for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size)):
+        for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size), strict=True):
             correct += (model(xb)[:, lo:hi].argmax(1) + lo == yb).sum()
         accs.append(correct.float() / max(len(task.y_test), 1))
     model.train(was_training)

@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import build_method, eval_mode
-from cl_runner.methods import per_sample
+from cl_runner.methods import build_method, eval_mode, per_sample
 from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
 from cl_runner.models import MLP
 from cl_runner.trainer import Trainer
@@ -118,8 +117,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="step timing: median of this many runs")
     ap.add_argument("--samples", type=int, default=60000, help="samples for the importance passes")
     ap.add_argument("--fisher-batch", type=int, nargs="+", default=[16], help="torch.func chunk sizes")
-    ap.add_argument("--func-samples", type=int, default=2000,
-                    help="samples for the (slow) torch.func path on CPU; 0 skips it")
+    ap.add_argument(
+        "--func-samples", type=int, default=2000, help="samples for the (slow) torch.func path on CPU; 0 skips it"
+    )
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-fisher", action="store_true")
     args = ap.parse_args(argv)
@@ -129,10 +129,14 @@ def main(argv=None) -> None:
     x, source = load_images(args.data_dir, max(args.samples, 1024))
     x = x.to(device)
     y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(2)).to(device)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()} device={device}")
-    print(f"data: {source}, x {tuple(x.shape)}; model MLP 1024-400-400-10 "
-          f"({sum(p.numel() for p in MLP((1, 32, 32), 10).parameters()):,} parameters)")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} device={device}"
+    )
+    print(
+        f"data: {source}, x {tuple(x.shape)}; model MLP 1024-400-400-10 "
+        f"({sum(p.numel() for p in MLP((1, 32, 32), 10).parameters()):,} parameters)"
+    )
 
     if not args.skip_steps:
         print(f"\nper-step time, batch 128, Adam, λ=1 (median of {args.repeats} × {args.steps} steps)")
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
             for i, run_once in enumerate(steppers):
                 times[i].append(run_once())
         base = statistics.median(times[0])
-        for (name, options, n_tasks), ts in zip(METHODS, times):
+        for (name, options, n_tasks), ts in zip(METHODS, times, strict=True):
             ms = statistics.median(ts)
             opts = ",".join(f"{k}={v}" for k, v in options.items() if k == "grad")
             print(f"{name:<12} {opts:<24} {n_tasks:>10} {ms:>9.2f} {ms / base:>11.2f}", flush=True)
@@ -151,8 +155,10 @@ def main(argv=None) -> None:
     if not args.skip_fisher:
         torch.manual_seed(0)
         model = MLP((1, 32, 32), 10).to(device)
-        print(f"\nimportance passes (eval mode, 10 active units); 'closed form' = the Linear-layer path,"
-              f" 'torch.func' = vmap per-sample gradients (any model), timed on --func-samples samples")
+        print(
+            "\nimportance passes (eval mode, 10 active units); 'closed form' = the Linear-layer path,"
+            " 'torch.func' = vmap per-sample gradients (any model), timed on --func-samples samples"
+        )
         print(f"{'pass':<26} {'path':<12} {'chunk':>6} {'samples':>8} {'seconds':>9} {'µs/sample':>10} {'→ 60k s':>8}")
         passes = (
             ("EWC Fisher, labels=all", lambda xs, ys, b: fisher_diagonal(model, xs, ys, (0, 10), "all", b)),
@@ -172,8 +178,11 @@ def main(argv=None) -> None:
                     sync(device)
                     dt = time.perf_counter() - t0
                 path = "closed form" if fast else "torch.func"
-                print(f"{label:<26} {path:<12} {batch:>6} {n:>8,} {dt:>9.2f} {dt / n * 1e6:>10.1f} "
-                      f"{dt / n * 60000:>8.1f}", flush=True)
+                print(
+                    f"{label:<26} {path:<12} {batch:>6} {n:>8,} {dt:>9.2f} {dt / n * 1e6:>10.1f} "
+                    f"{dt / n * 60000:>8.1f}",
+                    flush=True,
+                )
         per_sample.FAST_LINEAR = True
 
 

@@ -138,12 +138,17 @@ def main() -> None:
     n_test = sum(len(t.y_test) for t in stream)
     print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
     print(f"data: {source}; {len(stream)} tasks built and moved to the device in {build_s:.2f}s")
-    print(f"model: MLP {x[0].numel()}-{'-'.join(map(str, args.hidden))}-10, Adam, batch {args.batch_size}, {args.steps} steps, median of {args.repeats}")
+    print(
+        f"model: MLP {x[0].numel()}-{'-'.join(map(str, args.hidden))}-10, Adam, batch {args.batch_size}, "
+        f"{args.steps} steps, median of {args.repeats}"
+    )
     print(f"plain PyTorch loop : {p:.3f}s  ({1000 * p / args.steps:.2f} ms/step)")
     print(f"cl-runner Trainer  : {r:.3f}s  ({1000 * r / args.steps:.2f} ms/step)")
     print(f"ratio runner/plain : {r / p:.3f}  (target <= 1.15)")
-    print(f"checkpoint per task: {1000 * c:.1f} ms; runner + one checkpoint per {args.steps} steps / plain: "
-          f"{(r + c) / p:.3f}  (target <= 1.10)")
+    print(
+        f"checkpoint per task: {1000 * c:.1f} ms; runner + one checkpoint per {args.steps} steps / plain: "
+        f"{(r + c) / p:.3f}  (target <= 1.10)"
+    )
     print(f"evaluation of {n_test} test images on {len(stream)} tasks: {e:.3f}s")
 
 

@@ -68,10 +68,25 @@ def cl_run_command() -> list[str]:
     return [exe] if Path(exe).exists() else [sys.executable, "-m", "cl_runner.app"]
 
 
-def run_one(preset: str, label: str, overrides: list[str], seeds: list[int], extra: list[str],
-            sweep_dir: Path, env: dict[str, str], log_dir: Path) -> tuple[int, float]:
-    cmd = [*cl_run_command(), "-m", f"experiment={preset}", *overrides,
-           f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep_dir}", *extra]
+def run_one(
+    preset: str,
+    label: str,
+    overrides: list[str],
+    seeds: list[int],
+    extra: list[str],
+    sweep_dir: Path,
+    env: dict[str, str],
+    log_dir: Path,
+) -> tuple[int, float]:
+    cmd = [
+        *cl_run_command(),
+        "-m",
+        f"experiment={preset}",
+        *overrides,
+        f"seed={','.join(map(str, seeds))}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
+    ]
     log = log_dir / f"{preset}__{label}.log"
     start = time.perf_counter()
     with open(log, "w") as fh:
@@ -133,16 +148,20 @@ def to_csv(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("presets", nargs="+", help="experiment preset names (configs/experiment/*.yaml)")
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                    help=f"method entries (default: {' '.join(DEFAULT_METHODS)})")
+    ap.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, help=f"method entries (default: {' '.join(DEFAULT_METHODS)})"
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=None, help="output folder (default outputs/reproduce/<time>)")
     ap.add_argument("--jobs", type=int, default=1, help="multiruns at a time (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS; default 1)")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep the entries of --out whose runs all finished; rerun the others")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the entries of --out whose runs all finished; rerun the others"
+    )
     ap.epilog = "Overrides for every run go after `--`, e.g. `-- data_dir=/work/shared/data download=false`."
     argv = list(sys.argv[1:] if argv is None else argv)
     # argparse would hand the words after `--` to the presets: split them off first
@@ -156,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from importlib import resources
 
-    known = sorted(f.name[:-5] for f in resources.files("cl_runner.configs").joinpath("experiment").iterdir()
-                   if f.name.endswith(".yaml"))
+    known = sorted(
+        f.name[:-5]
+        for f in resources.files("cl_runner.configs").joinpath("experiment").iterdir()
+        if f.name.endswith(".yaml")
+    )
     unknown = [p for p in args.presets if p not in known]
     if unknown:
         print(f"error: unknown preset {', '.join(unknown)}; choose from: {', '.join(known)}", file=sys.stderr)
@@ -198,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         p, lab, ov, sweep_dir = item
         rc, secs = run_one(p, lab, ov, args.seeds, args.extra, sweep_dir, env, log_dir)
         res = summarize(p, lab, sweep_dir)
-        print(f"[{time.perf_counter() - start:7.0f}s] {p} {lab}: {cell(res, len(args.seeds))} "
-              f"({secs:.0f}s, rc={rc})", file=sys.stderr, flush=True)
+        print(
+            f"[{time.perf_counter() - start:7.0f}s] {p} {lab}: {cell(res, len(args.seeds))} ({secs:.0f}s, rc={rc})",
+            file=sys.stderr,
+            flush=True,
+        )
         return rc
 
     print(f"{total} multiruns × {len(args.seeds)} seeds into {out} (logs in {log_dir})", file=sys.stderr, flush=True)
@@ -209,10 +234,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [summarize(p, lab, out / p / lab) for p in args.presets for lab in labels]
     md = markdown(results, args.presets, labels, len(args.seeds))
-    failures = [f"- {r['preset']} {r['method']}: {r['n_failed']} failed: {'; '.join(r['errors'])}"
-                for r in results if r["n_failed"] or r["n_ok"] < len(args.seeds)]
-    note = (f"\nACC (%) after the last task, mean ± sample std over seeds {' '.join(map(str, args.seeds))}; "
-            f"{total} multiruns in {wall:.0f} s wall time; extra overrides: {' '.join(args.extra) or 'none'}.\n")
+    failures = [
+        f"- {r['preset']} {r['method']}: {r['n_failed']} failed: {'; '.join(r['errors'])}"
+        for r in results
+        if r["n_failed"] or r["n_ok"] < len(args.seeds)
+    ]
+    note = (
+        f"\nACC (%) after the last task, mean ± sample std over seeds {' '.join(map(str, args.seeds))}; "
+        f"{total} multiruns in {wall:.0f} s wall time; extra overrides: {' '.join(args.extra) or 'none'}.\n"
+    )
     text = md + note + ("\nIncomplete:\n" + "\n".join(failures) + "\n" if failures else "")
     (out / "results.md").write_text(text)
     (out / "results.csv").write_text(to_csv(results))

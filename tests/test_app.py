@@ -4,13 +4,12 @@ is one line and a non-zero exit."""
 import json
 
 import pytest
+from conftest import cl_run, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util.tensor_util import make_ndarray
 
 from cl_runner.app import run_experiment
 from cl_runner.loggers import read_matrix_csv
-
-from conftest import cl_run, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,8 @@ def test_tensorboard_events_hold_the_same_matrix(finished_run):
         events = ea.Scalars(f"acc/task_{j + 1}")
         assert [e.step for e in events] == [0] + [per_task * (i + 1) for i in range(5)]
         assert [e.value for e in events] == pytest.approx(
-            [100 * m["initial_accuracy"][j]] + [100 * R[i][j] for i in range(5)], abs=1e-4)
+            [100 * m["initial_accuracy"][j]] + [100 * R[i][j] for i in range(5)], abs=1e-4
+        )
     hp = EventAccumulator(str(out / "hparams"), size_guidance={"scalars": 0})
     hp.Reload()
     assert hp.Scalars("hparam/acc")[-1].value == pytest.approx(100 * m["acc"], abs=1e-4)
@@ -68,7 +68,16 @@ def test_run_ends_by_naming_its_folder(finished_run):
 def test_help_lists_groups_and_options():
     proc = cl_run("--help")
     assert proc.returncode == 0
-    for word in ("benchmark:", "method:", "model:", "optimizer:", "split_digits", "permuted_digits", "finetune", "adam"):
+    for word in (
+        "benchmark:",
+        "method:",
+        "model:",
+        "optimizer:",
+        "split_digits",
+        "permuted_digits",
+        "finetune",
+        "adam",
+    ):
         assert word in proc.stdout
 
 

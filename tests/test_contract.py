@@ -10,6 +10,7 @@ from importlib import resources
 
 import pytest
 import torch
+from conftest import compose_config
 
 from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
@@ -17,16 +18,21 @@ from cl_runner.methods import build_method
 from cl_runner.models import build_model
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
-from conftest import compose_config
-
 CONFIGS = resources.files("cl_runner.configs")
 MODELS = sorted(f.name[:-5] for f in (CONFIGS / "model").iterdir() if f.name.endswith(".yaml"))
 METHODS = sorted(f.name[:-5] for f in (CONFIGS / "method").iterdir() if f.name.endswith(".yaml"))
 # small and fast, and large enough for every model: 2 tasks of digits padded to 32×32 (the CNNs'
 # kernels need more than 8×8), 24 training images per task
 SMALL = [
-    "benchmark=split_digits", "benchmark.n_tasks=2", "benchmark.pad=32", "benchmark.max_train_per_task=24",
-    "benchmark.max_test_per_task=24", "epochs=1", "batch_size=8", "threads=1", "scenario=class",
+    "benchmark=split_digits",
+    "benchmark.n_tasks=2",
+    "benchmark.pad=32",
+    "benchmark.max_train_per_task=24",
+    "benchmark.max_test_per_task=24",
+    "epochs=1",
+    "batch_size=8",
+    "threads=1",
+    "scenario=class",
 ]
 
 
@@ -41,7 +47,9 @@ def test_importance_pass_leaves_the_model_as_found(model_name, method):
     torch.manual_seed(0)
     stream = build_stream(cfg.benchmark, cfg.scenario, 0, "cpu", ".")
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs)
-    m = build_method(method, cfg.method.get("lambda") or 0.0, {k: v for k, v in cfg.method.items() if k not in ("name", "lambda")})
+    m = build_method(
+        method, cfg.method.get("lambda") or 0.0, {k: v for k, v in cfg.method.items() if k not in ("name", "lambda")}
+    )
     m.setup(model, stream, seed=0)
     optimizer = make_optimizer_factory(cfg.optimizer)(model)
     model.train()

@@ -88,9 +88,11 @@ def test_finetune_forgets_and_ewc_1000_remembers(run):
 def test_ewc_lambda_sweep_trades_learning_for_remembering(run):
     ft = run()
     rows = [ft] + [run("method=ewc", f"lambda={lam}") for lam in SWEEP]  # finetune is λ = 0
-    for small, large in zip(rows, rows[1:]):
+    for small, large in zip(rows, rows[1:], strict=False):
         assert large["bwt"] > small["bwt"], [r["bwt"] for r in rows]
-        assert large["learning_accuracy"] <= small["learning_accuracy"] + LA_SLACK, [r["learning_accuracy"] for r in rows]
+        assert large["learning_accuracy"] <= small["learning_accuracy"] + LA_SLACK, [
+            r["learning_accuracy"] for r in rows
+        ]
     # no collapse of both at large λ: the strongest still forgets far less than finetune
     assert rows[-1]["bwt"] > ft["bwt"] + 0.10
 

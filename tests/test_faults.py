@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CL_RUN, cl_run, compose_config
 
 from cl_runner.app import main, run_experiment
 from cl_runner.loggers import read_matrix_csv
-
-from conftest import CL_RUN, cl_run, compose_config
 
 # long enough to be interrupted between tasks (5 tasks of ~1–2 s each on one thread)
 LONG = ["benchmark=split_digits", "epochs=30", "threads=1"]
@@ -23,7 +22,9 @@ LONG = ["benchmark=split_digits", "epochs=30", "threads=1"]
 
 def _popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*CL_RUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*CL_RUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -161,9 +162,13 @@ def test_a_sweep_resumes_where_it_was_interrupted(tmp_path):
 
 def test_a_sweep_into_a_folder_of_another_sweep_is_refused(tmp_path):
     out = tmp_path / "sweep"
-    first = subprocess.run([*CL_RUN, "-m", "seed=0,1", "epochs=1", f"hydra.sweep.dir={out}"], capture_output=True, text=True)
+    first = subprocess.run(
+        [*CL_RUN, "-m", "seed=0,1", "epochs=1", f"hydra.sweep.dir={out}"], capture_output=True, text=True
+    )
     assert first.returncode == 0, first.stderr
-    other = subprocess.run([*CL_RUN, "-m", "seed=0,1", "epochs=2", f"hydra.sweep.dir={out}"], capture_output=True, text=True)
+    other = subprocess.run(
+        [*CL_RUN, "-m", "seed=0,1", "epochs=2", f"hydra.sweep.dir={out}"], capture_output=True, text=True
+    )
     assert other.returncode == 2 and "holds another sweep" in _one_error_line(other.stderr)
 
 
@@ -171,8 +176,15 @@ def test_a_sweep_into_a_folder_of_another_sweep_is_refused(tmp_path):
 def test_divergence_stops_the_run_and_keeps_the_finished_rows(tmp_path):
     # task 1 trains normally; from task 2 on, the penalty's gradient explodes the parameters
     out = tmp_path / "run"
-    proc = cl_run("benchmark=split_digits", "method=ewc", "lambda=1e12", "optimizer=sgd", "optimizer.lr=0.1", "threads=1",
-                  f"hydra.run.dir={out}")
+    proc = cl_run(
+        "benchmark=split_digits",
+        "method=ewc",
+        "lambda=1e12",
+        "optimizer=sgd",
+        "optimizer.lr=0.1",
+        "threads=1",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 3
     line = _one_error_line(proc.stderr)
     assert line.startswith("error: diverged: non-finite") and "task 2, step" in line and str(out) in line
@@ -186,7 +198,9 @@ def test_a_diverged_job_is_a_row_and_the_sweep_goes_on(tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.run(
         [*CL_RUN, "-m", "optimizer=sgd", "optimizer.lr=0.05,1e4", "epochs=2", "threads=1", f"hydra.sweep.dir={out}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr  # some job did not end ok
     statuses = sorted(_metrics(j)["status"] for j in out.glob("[0-9]_*"))
@@ -293,7 +307,9 @@ def test_cfg_with_an_unknown_option_is_one_line():
 
 def test_a_sweep_with_failed_jobs_exits_1_after_its_summary(tmp_path):
     out = tmp_path / "sweep"
-    proc = subprocess.run([*CL_RUN, "-m", "method=ewc", "lambda=-1,-2", f"hydra.sweep.dir={out}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CL_RUN, "-m", "method=ewc", "lambda=-1,-2", f"hydra.sweep.dir={out}"], capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert (out / "summary.csv").exists() and "failed" in (out / "summary.md").read_text()
 
@@ -305,7 +321,12 @@ def test_unreadable_data_file_says_cannot_read(tmp_path, monkeypatch):
 
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"")
 
     def denied(path, *a, **k):  # what open() raises for a file without read permission

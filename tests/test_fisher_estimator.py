@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
+from test_methods import UNITS, assert_dicts_close, make_model, make_task
 from torch import nn
 
 from cl_runner.methods import build_method, eval_mode
+from cl_runner.methods import per_sample as ps
 from cl_runner.methods.ewc import EWC
 from cl_runner.methods.online_ewc import OnlineEWC
-from cl_runner.methods import per_sample as ps
-from test_methods import UNITS, assert_dicts_close, make_model, make_task
 
 
 def squared_batch_grad(model, *args):
@@ -32,10 +32,7 @@ def brute_squared_batch_grad(model, x, y, units, batch_size, n_batches):
     lo, hi = units
     model = copy.deepcopy(model)
     model.eval()
-    batches = [
-        (x[s : s + batch_size], y[s : s + batch_size])
-        for s in range(0, len(x), batch_size)
-    ][:n_batches]
+    batches = [(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(x), batch_size)][:n_batches]
     out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for xb, yb in batches:
         model.zero_grad()
@@ -47,17 +44,11 @@ def brute_squared_batch_grad(model, x, y, units, batch_size, n_batches):
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])
-@pytest.mark.parametrize(
-    "batch_size, n_batches", [(7, 2), (5, 3), (7, 9)]
-)  # (7, 9): only 4 batches exist
+@pytest.mark.parametrize("batch_size, n_batches", [(7, 2), (5, 3), (7, 9)])  # (7, 9): only 4 batches exist
 def test_squared_batch_grad_equals_brute_force(batch_norm, batch_size, n_batches):
     model, task = make_model(batch_norm=batch_norm), make_task(n=23)
-    got = squared_batch_grad(
-        model, task.x_train, task.y_train, UNITS, "true", batch_size, n_batches
-    )
-    want = brute_squared_batch_grad(
-        model, task.x_train, task.y_train, UNITS, batch_size, n_batches
-    )
+    got = squared_batch_grad(model, task.x_train, task.y_train, UNITS, "true", batch_size, n_batches)
+    want = brute_squared_batch_grad(model, task.x_train, task.y_train, UNITS, batch_size, n_batches)
     assert set(got) == set(want)
     assert_dicts_close(got, want)
     assert all(v.abs().sum() > 0 for v in got.values())
@@ -74,9 +65,7 @@ def test_squared_batch_grad_uses_only_the_first_batches_in_data_order():
     assert any(not torch.allclose(changed[n], first[n]) for n in first)
     # a shuffled order gives another estimate: the batches are taken unshuffled
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(0))
-    shuffled = squared_batch_grad(
-        model, task.x_train[perm], task.y_train[perm], UNITS, "true", 5, 2
-    )
+    shuffled = squared_batch_grad(model, task.x_train[perm], task.y_train[perm], UNITS, "true", 5, 2)
     assert any(not torch.allclose(shuffled[n], first[n]) for n in first)
 
 
@@ -84,9 +73,7 @@ def test_batch_of_one_is_the_per_sample_empirical_fisher_and_larger_batches_shri
     model, task = make_model(), make_task(n=24)
     x, y = task.x_train, task.y_train
     per_sample = fisher_diagonal(model, x, y, UNITS, "true")
-    assert_dicts_close(
-        squared_batch_grad(model, x, y, UNITS, "true", 1, 24), per_sample
-    )
+    assert_dicts_close(squared_batch_grad(model, x, y, UNITS, "true", 1, 24), per_sample)
     # squaring a mean of 12 gradients: the per-sample variance is averaged away
     batched = squared_batch_grad(model, x, y, UNITS, "true", 12, 2)
     total = lambda f: sum(v.sum() for v in f.values())  # noqa: E731
@@ -140,9 +127,7 @@ def test_importance_pass_leaves_the_model_as_it_found_it():
     model.train()
     for _ in range(3):
         opt.zero_grad()
-        nn.functional.cross_entropy(
-            model(task.x_train)[:, 2:5], task.y_train - 2
-        ).backward()
+        nn.functional.cross_entropy(model(task.x_train)[:, 2:5], task.y_train - 2).backward()
         opt.step()
     state = copy.deepcopy(model.state_dict())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -177,7 +162,8 @@ def test_importance_pass_leaves_the_model_as_it_found_it():
         ),
         (
             {"fisher_estimator": "squared_batch_grad", "fisher_labels": "all"},
-            "method.fisher_labels=all does not apply to fisher_estimator=squared_batch_grad; choose one of: true, pred, sample",
+            "method.fisher_labels=all does not apply to fisher_estimator=squared_batch_grad; "
+            "choose one of: true, pred, sample",
         ),
         (
             {

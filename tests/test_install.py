@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -25,13 +24,23 @@ def test_configs_found_after_non_editable_install(tmp_path):
     # the installed console script, run from a folder that has no configs/
     script = site / "bin" / "cl-run"
     where = subprocess.run(
-        [sys.executable, "-c", "import cl_runner; print(cl_runner.__file__)"], cwd=elsewhere, env=env, capture_output=True, text=True
+        [sys.executable, "-c", "import cl_runner; print(cl_runner.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the source tree
     proc = subprocess.run(
-        [sys.executable, str(script), "epochs=1", "hydra.run.dir=run"], cwd=elsewhere, env=env, capture_output=True, text=True
+        [sys.executable, str(script), "epochs=1", "hydra.run.dir=run"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert (elsewhere / "run" / "metrics.json").exists()
-    helped = subprocess.run([sys.executable, str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    helped = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert "split_digits" in helped.stdout and "finetune" in helped.stdout

@@ -117,5 +117,7 @@ def test_joint_is_an_upper_bound(run):
     assert once["accuracy_matrix"][0] == once["initial_accuracy"]  # nothing trained before the last task
     assert once["acc"] > base["acc"] + 0.05
     # task-IL: every sample of the union keeps its own head (the trainer's per-sample units)
-    task_il = run("benchmark=split_digits", "scenario=task", "epochs=3", "method=joint", "method.mode=cumulative", "seed=0")
+    task_il = run(
+        "benchmark=split_digits", "scenario=task", "epochs=3", "method=joint", "method.mode=cumulative", "seed=0"
+    )
     assert min(task_il["accuracy_matrix"][-1]) > 0.9

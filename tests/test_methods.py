@@ -13,11 +13,11 @@ from torch import nn
 
 from cl_runner.data.stream import Task, TaskStream, assign_units
 from cl_runner.methods import build_method, eval_mode
+from cl_runner.methods import per_sample as ps
 from cl_runner.methods.ewc import EWC
 from cl_runner.methods.l2 import L2
 from cl_runner.methods.mas import MAS
 from cl_runner.methods.online_ewc import OnlineEWC
-from cl_runner.methods import per_sample as ps
 from cl_runner.methods.per_sample import (
     FISHER_LABELS,
     fisher_diagonal,
@@ -168,12 +168,17 @@ def test_fisher_equals_brute_force_loop(labels, path, path_taken):
 def test_fisher_labels_differ_and_chunking_is_irrelevant():
     model, task = make_model(), make_task()
     with eval_mode(model):
-        ref = {lab: fisher_diagonal(model, task.x_train, task.y_train, task.units, lab, batch=1000,
-                                    generator=task_generator(0, 0)) for lab in FISHER_LABELS}
+        ref = {
+            lab: fisher_diagonal(
+                model, task.x_train, task.y_train, task.units, lab, batch=1000, generator=task_generator(0, 0)
+            )
+            for lab in FISHER_LABELS
+        }
         for batch in (1, 3):
             for lab in FISHER_LABELS:
-                got = fisher_diagonal(model, task.x_train, task.y_train, task.units, lab, batch=batch,
-                                      generator=task_generator(0, 0))
+                got = fisher_diagonal(
+                    model, task.x_train, task.y_train, task.units, lab, batch=batch, generator=task_generator(0, 0)
+                )
                 assert_dicts_close(got, ref[lab])
     # the modes are genuinely different estimators on this model
     w = {lab: ref[lab]["body.1.weight"] for lab in FISHER_LABELS}
@@ -243,7 +248,7 @@ def test_penalty_zero_at_anchor_and_quadratic_away_from_it(name):
         values.append(pen.item())
         # the gradient the trainer will add: 2·s·Ω·(θ − θ*)
         grads = torch.autograd.grad(pen, list(model.parameters()))
-        for (n, p), g in zip(model.named_parameters(), grads):
+        for (n, p), g in zip(model.named_parameters(), grads, strict=True):
             torch.testing.assert_close(g, 2 * scale * imp[n] * (p.detach() - anchor[n]))
     assert values[0] > 0
     assert values[1] == pytest.approx(4 * values[0], rel=1e-9)
@@ -261,7 +266,11 @@ def test_l2_equals_ewc_with_unit_fisher():
     perturb(model, 0.1)
     pl, pe = l2.penalty(model), ewc.penalty(model)
     torch.testing.assert_close(pl, pe, rtol=0, atol=0)
-    for gl, ge in zip(torch.autograd.grad(pl, list(model.parameters())), torch.autograd.grad(pe, list(model.parameters()))):
+    for gl, ge in zip(
+        torch.autograd.grad(pl, list(model.parameters())),
+        torch.autograd.grad(pe, list(model.parameters())),
+        strict=True,
+    ):
         torch.testing.assert_close(gl, ge, rtol=0, atol=0)
     assert l2.importance() == {}
 
@@ -281,15 +290,17 @@ def test_ewc_keeps_one_term_per_task_and_half_factor():
     assert full.n_terms == 3
     perturb(model, 0.2, seed=11)
     expected = sum(
-        (f[n] * (p.detach() - a[n]) ** 2).sum() for a, f in zip(anchors, fishers) for n, p in model.named_parameters()
+        (f[n] * (p.detach() - a[n]) ** 2).sum()
+        for a, f in zip(anchors, fishers, strict=True)
+        for n, p in model.named_parameters()
     )
     pen = full.penalty(model)
     torch.testing.assert_close(pen.detach(), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(half.penalty(model).detach(), 0.5 * expected, rtol=1e-12, atol=0)
     # the merged quadratic has the gradient of the sum of the per-task terms
     grads = torch.autograd.grad(pen, list(model.parameters()))
-    for (n, p), g in zip(model.named_parameters(), grads):
-        expected_g = sum(2 * f[n] * (p.detach() - a[n]) for a, f in zip(anchors, fishers))
+    for (n, p), g in zip(model.named_parameters(), grads, strict=True):
+        expected_g = sum(2 * f[n] * (p.detach() - a[n]) for a, f in zip(anchors, fishers, strict=True))
         torch.testing.assert_close(g, expected_g, rtol=1e-10, atol=1e-15)
     # head rows of no task (zero Fisher everywhere) stay out of it
     assert (full._weight["head.weight"][:2] == 0).all() and (grads[-2][:2] == 0).all()
@@ -357,7 +368,10 @@ class TwiceUsed(nn.Module):
     "make_net, expected_path",
     [
         (lambda: nn.Sequential(nn.Flatten(), nn.Linear(9, 7), nn.ReLU(inplace=True), nn.Linear(7, N_OUT)), "fast"),
-        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(9, 7), nn.BatchNorm1d(7, affine=False), nn.Linear(7, N_OUT)), "fast"),
+        (
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(9, 7), nn.BatchNorm1d(7, affine=False), nn.Linear(7, N_OUT)),
+            "fast",
+        ),
         (TwiceUsed, "func"),
     ],
 )
@@ -528,7 +542,11 @@ def test_importance_pass_leaves_model_optimizer_grad_and_rng_unchanged(make, bat
 @pytest.mark.parametrize(
     "name, options, message",
     [
-        ("ewc", {"fisher_labels": "max"}, "method.fisher_labels='max' is not valid; choose one of: true, pred, sample, all"),
+        (
+            "ewc",
+            {"fisher_labels": "max"},
+            "method.fisher_labels='max' is not valid; choose one of: true, pred, sample, all",
+        ),
         ("ewc", {"fisher_samples": 0}, "method.fisher_samples=0 must be a positive integer or null (all)"),
         ("ewc", {"half": "yes"}, "method.half='yes' must be true or false"),
         ("online_ewc", {"gamma": 1.5}, "method.gamma=1.5 must be a number in [0, 1]"),
@@ -650,5 +668,5 @@ def test_fused_penalty_gradient_equals_autograd(name, n_tasks):
         p.grad = torch.ones_like(p)  # the fused path must add to what is there
     value = method.add_penalty_grad(model)
     assert value.item() == pytest.approx(reference.item(), rel=1e-10)
-    for p, g in zip(model.parameters(), expected):
+    for p, g in zip(model.parameters(), expected, strict=True):
         assert torch.allclose(p.grad, g + 1, rtol=1e-10, atol=1e-12)

@@ -17,7 +17,6 @@ from pathlib import Path
 import hydra
 import pytest
 from omegaconf import OmegaConf
-
 from test_vision_data import fake_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +86,12 @@ def test_hsu_domain_si_shows_protocol_a_row():
     cfg = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=si"))
     assert cfg["lambda"] == 3000 and cfg["method"] == {"name": "si", "lambda": 3000, "xi": 0.1, "grad": "task"}
     assert cfg["benchmark"]["pad"] == 32 and cfg["benchmark"]["normalize"] == {"mean": 0.1, "std": 0.2752}
-    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"]["name"], cfg["optimizer"]["lr"]) == (4, 128, "adam", 0.001)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"]["name"], cfg["optimizer"]["lr"]) == (
+        4,
+        128,
+        "adam",
+        0.001,
+    )
 
 
 def test_command_line_choices_win_over_the_preset():
@@ -95,8 +99,16 @@ def test_command_line_choices_win_over_the_preset():
     # and the learning rate comes from sgd.yaml (Hsu's 0.01)
     sgd = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=finetune", "optimizer=sgd"))
     assert sgd["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
-    cfg = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=si", "lambda=5", "method.xi=0.5",
-                           "benchmark.pad=0", "epochs=1"))
+    cfg = resolved(
+        compose(
+            "experiment=hsu2018_split_mnist_domain",
+            "method=si",
+            "lambda=5",
+            "method.xi=0.5",
+            "benchmark.pad=0",
+            "epochs=1",
+        )
+    )
     assert cfg["lambda"] == 5 and cfg["method"]["xi"] == 0.5 and cfg["benchmark"]["pad"] == 0 and cfg["epochs"] == 1
 
 
@@ -109,7 +121,13 @@ def test_van_de_ven_presets_match_protocol_b(preset):
     assert base["optimizer"] == {"name": "adam", "lr": 0.0001, "betas": [0.9, 0.999], "weight_decay": 0.0}
     b = base["benchmark"]
     assert (b["name"], b["kind"], b["n_tasks"], b["permute_first"], b["pad"], b["normalize"]) == (
-        "permuted_mnist", "permuted", 10, True, 32, None)
+        "permuted_mnist",
+        "permuted",
+        10,
+        True,
+        32,
+        None,
+    )
     assert base["model"]["hidden"] == [1000, 1000]
     want = VDV_STRENGTH[scenario]
     ewc = resolved(compose(f"experiment={preset}", "method=ewc"))
@@ -144,8 +162,14 @@ def preset_methods(preset: str) -> list[str]:
     return ["finetune", *resolved(compose(f"experiment={preset}"))["protocol"]]
 
 
-SHORT = ["iterations=1", "benchmark.max_train_per_task=16", "benchmark.max_test_per_task=8", "device=cpu",
-         "download=false", "eval_batch_size=64"]
+SHORT = [
+    "iterations=1",
+    "benchmark.max_train_per_task=16",
+    "benchmark.max_test_per_task=8",
+    "device=cpu",
+    "download=false",
+    "eval_batch_size=64",
+]
 
 
 @pytest.mark.slow
@@ -186,7 +210,9 @@ def test_reproduce_method_entries():
     assert rep.parse_entry("ewc") == ("ewc", ["method=ewc"])
     assert rep.parse_entry("finetune_sgd") == ("finetune_sgd", ["method=finetune", "optimizer=sgd"])
     assert rep.parse_entry("sgd01:method=finetune optimizer=sgd optimizer.lr=0.1") == (
-        "sgd01", ["method=finetune", "optimizer=sgd", "optimizer.lr=0.1"])
+        "sgd01",
+        ["method=finetune", "optimizer=sgd", "optimizer.lr=0.1"],
+    )
     for bad in ("", "lambda=3", "x:", "x:notanoverride"):
         with pytest.raises(ValueError):
             rep.parse_entry(bad)
@@ -195,17 +221,34 @@ def test_reproduce_method_entries():
 @pytest.mark.slow
 def test_reproduce_runs_methods_times_seeds_and_tables_them(data_dir, tmp_path):
     out = tmp_path / "rep"
-    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "hsu2018_split_mnist_domain",
-           "--methods", "finetune", "finetune_sgd", "--seeds", "0", "1", "--out", str(out), "--",
-           f"data_dir={data_dir}", *SHORT]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "reproduce.py"),
+        "hsu2018_split_mnist_domain",
+        "--methods",
+        "finetune",
+        "finetune_sgd",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        "--",
+        f"data_dir={data_dir}",
+        *SHORT,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"finetune", "finetune_sgd"}
     for label, optimizer in (("finetune", "adam"), ("finetune_sgd", "sgd")):
-        jobs = [json.loads(p.read_text()) for p in sorted((out / "hsu2018_split_mnist_domain" / label).rglob("metrics.json"))]
+        jobs = [
+            json.loads(p.read_text())
+            for p in sorted((out / "hsu2018_split_mnist_domain" / label).rglob("metrics.json"))
+        ]
         assert sorted(j["seed"] for j in jobs) == [0, 1]
         assert {j["optimizer"] for j in jobs} == {optimizer} and {j["method"] for j in jobs} == {"finetune"}
         accs = [100 * j["acc"] for j in jobs]

@@ -41,14 +41,10 @@ D2 = {
 
 def compose(*overrides: str) -> dict:
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
-        return OmegaConf.to_container(
-            hydra.compose("config", overrides=list(overrides)), resolve=True
-        )
+        return OmegaConf.to_container(hydra.compose("config", overrides=list(overrides)), resolve=True)
 
 
-@pytest.mark.parametrize(
-    "preset, want", [("seeds_ewc_mnist_fashion", D1), ("seeds_ewc_tradeoff", D2)]
-)
+@pytest.mark.parametrize("preset, want", [("seeds_ewc_mnist_fashion", D1), ("seeds_ewc_tradeoff", D2)])
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
     cfg = compose(f"experiment={preset}", f"method={method}")
@@ -84,9 +80,7 @@ def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
         for key, value in want["ewc"].items():
             got = cfg["lambda"] if key == "lambda" else cfg["method"][key]
             assert got == value and type(got) is type(value), key
-        options = {
-            k: v for k, v in cfg["method"].items() if k not in ("name", "lambda")
-        }
+        options = {k: v for k, v in cfg["method"].items() if k not in ("name", "lambda")}
         ewc = build_method("ewc", cfg["lambda"], options)
         assert ewc.fisher_estimator == want["ewc"]["fisher_estimator"]
         assert ewc.half is want["ewc"]["half"]
@@ -95,7 +89,4 @@ def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
 def test_d2_sweep_overrides_lambda_only():
     for lam in (1000, 10000, 100000):
         cfg = compose("experiment=seeds_ewc_tradeoff", "method=ewc", f"lambda={lam}")
-        assert (
-            cfg["lambda"] == lam
-            and cfg["method"]["fisher_estimator"] == "squared_batch_grad"
-        )
+        assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "squared_batch_grad"

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from cl_runner.data import transforms as T
 from cl_runner.data.benchmarks import build_stream
@@ -33,7 +32,9 @@ def test_split_digits_tasks_hold_their_classes(scenario):
         assert task.x_train.dtype == torch.float32 and 0 <= task.x_train.min() and task.x_train.max() <= 1
     # task 2's units in class-IL: every class seen so far is active
     assert s[2].units == ((4, 6) if scenario == "task" else (0, 2) if scenario == "domain" else (0, 6))
-    assert s.eval_units(trained=3, j=1) == ((2, 4) if scenario == "task" else (0, 2) if scenario == "domain" else (0, 8))
+    assert s.eval_units(trained=3, j=1) == (
+        (2, 4) if scenario == "task" else (0, 2) if scenario == "domain" else (0, 8)
+    )
 
 
 def test_test_split_is_fixed_by_the_seed_and_disjoint_from_train():

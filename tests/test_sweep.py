@@ -23,13 +23,16 @@ CL_RUN = [sys.executable, "-c", "from cl_runner.app import main; main()"]
 def _needs(plugin: str, extra_name: str):
     """The launcher plugins come with the `launchers` extra: pip install -e '.[test,launchers]'."""
     return pytest.importorskip(plugin, reason=f"{extra_name} not installed (pip install -e '.[launchers]')")
+
+
 # The smallest end-to-end run on the offline benchmark: 2 tasks of the 8x8 digits, one epoch.
 FAST = ["epochs=1", "benchmark.n_tasks=2", "batch_size=64", "device=cpu"]
 
 
 # ----------------------------------------------------------------------------- hand-written folders
-def _job(root: Path, name: str, metrics: dict | None = None, overrides: list[str] | None = None,
-         config: dict | None = None) -> Path:
+def _job(
+    root: Path, name: str, metrics: dict | None = None, overrides: list[str] | None = None, config: dict | None = None
+) -> Path:
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides or []))
@@ -43,11 +46,22 @@ def _job(root: Path, name: str, metrics: dict | None = None, overrides: list[str
 
 def _metrics(acc, *, method="l2", lam=1.0, seed=0, status="ok", error=None, **extra):
     m = {
-        "status": status, "error": error, "method": method, "lambda": lam, "benchmark": "split_digits",
-        "scenario": "domain", "seed": seed, "model": "mlp", "optimizer": "adam", "experiment": None,
+        "status": status,
+        "error": error,
+        "method": method,
+        "lambda": lam,
+        "benchmark": "split_digits",
+        "scenario": "domain",
+        "seed": seed,
+        "model": "mlp",
+        "optimizer": "adam",
+        "experiment": None,
         "method_options": extra.pop("method_options", {}),
-        "acc": acc, "bwt": None if acc is None else acc - 0.9, "fwt": None if acc is None else 0.01,
-        "forgetting": None if acc is None else 0.9 - acc, "learning_accuracy": None if acc is None else 0.9,
+        "acc": acc,
+        "bwt": None if acc is None else acc - 0.9,
+        "fwt": None if acc is None else 0.01,
+        "forgetting": None if acc is None else 0.9 - acc,
+        "learning_accuracy": None if acc is None else 0.9,
         "wall_time_s": None if acc is None else 1.5,
     }
     m.update(extra)
@@ -66,12 +80,27 @@ def mixed_sweep(tmp_path):
     _job(root, "0_lambda=1,method=l2", _metrics(0.8123456789012345, lam=1.0), ["method=l2", "lambda=1"])
     _job(root, "1_lambda=10,method=l2", _metrics(0.7, lam=10.0), ["method=l2", "lambda=10"])
     _job(root, "10_lambda=1000,method=l2", _metrics(0.5, lam=1000.0), ["method=l2", "lambda=1000"])
-    _job(root, "2_lambda=-1,method=l2", _metrics(None, lam=-1, status="failed", error="lambda must be >= 0, got -1"),
-         ["method=l2", "lambda=-1"])
-    _job(root, "3_lambda=100,method=l2", None, ["method=l2", "lambda=100"],
-         config={"seed": 4, "scenario": "class", "lambda": "${method.lambda}",
-                 "method": {"name": "l2", "lambda": 100, "extra_opt": 3},
-                 "benchmark": {"name": "split_digits"}, "model": {"name": "mlp"}, "optimizer": {"name": "adam"}})
+    _job(
+        root,
+        "2_lambda=-1,method=l2",
+        _metrics(None, lam=-1, status="failed", error="lambda must be >= 0, got -1"),
+        ["method=l2", "lambda=-1"],
+    )
+    _job(
+        root,
+        "3_lambda=100,method=l2",
+        None,
+        ["method=l2", "lambda=100"],
+        config={
+            "seed": 4,
+            "scenario": "class",
+            "lambda": "${method.lambda}",
+            "method": {"name": "l2", "lambda": 100, "extra_opt": 3},
+            "benchmark": {"name": "split_digits"},
+            "model": {"name": "mlp"},
+            "optimizer": {"name": "adam"},
+        },
+    )
     (root / "multirun.yaml").write_text("hydra: {}\n")
     (root / ".submitit" / "123").mkdir(parents=True)  # launcher logs: never a job
     (root / ".submitit" / "123" / "metrics.json").write_text("{}")
@@ -135,12 +164,21 @@ def test_grouped_mean_std_over_seeds(tmp_path):
     for (method, lam), values in accs.items():
         for seed, a in enumerate(values):
             status = "ok" if a is not None else "failed"
-            _job(tmp_path, f"{n}_lambda={lam:g},seed={seed}", _metrics(a, method=method, lam=lam, seed=seed, status=status),
-                 [f"lambda={lam:g}", f"seed={seed}"])
+            _job(
+                tmp_path,
+                f"{n}_lambda={lam:g},seed={seed}",
+                _metrics(a, method=method, lam=lam, seed=seed, status=status),
+                [f"lambda={lam:g}", f"seed={seed}"],
+            )
             n += 1
     # same λ and seeds but another epochs: a different setting, not merged into λ=1
     for seed, a in enumerate([0.1, 0.3]):
-        _job(tmp_path, f"{n}_epochs=5,lambda=1,seed={seed}", _metrics(a, lam=1.0, seed=seed), ["epochs=5", "lambda=1", f"seed={seed}"])
+        _job(
+            tmp_path,
+            f"{n}_epochs=5,lambda=1,seed={seed}",
+            _metrics(a, lam=1.0, seed=seed),
+            ["epochs=5", "lambda=1", f"seed={seed}"],
+        )
         n += 1
     rows = sweep.collect(tmp_path)
     sweep.write_summary(tmp_path, rows)
@@ -256,7 +294,7 @@ def test_lambda_sweep_basic_launcher(tmp_path):
     table = _read_csv(out / "summary.csv")
     assert len(table) == 3 and (out / "summary.md").is_file()
     assert "Sweep summary: 3 jobs: 3 ok, 0 failed" in res.stdout
-    for job, line in zip(jobs, table):
+    for job, line in zip(jobs, table, strict=True):
         data = json.loads((job / "metrics.json").read_text())
         assert line["job"] == job.name and line["status"] == "ok"
         assert float(line["acc_pct"]) == pytest.approx(100 * data["acc"]) and float(line["lambda"]) == data["lambda"]
@@ -279,7 +317,10 @@ def test_lambda_sweep_basic_launcher(tmp_path):
     assert sessions == {f"{j.name}/hparams" for j in jobs}
     assert {g.name for g in groups} == {f"{j.name} ({out.name})" for j in jobs}  # readable trial names
     assert (out / "tradeoff.png").is_file()  # λ varies
-    assert res.stdout.strip().splitlines()[-2] == f"summary: {out.resolve() / 'summary.md'} (also summary.csv, tradeoff.png)"
+    assert (
+        res.stdout.strip().splitlines()[-2]
+        == f"summary: {out.resolve() / 'summary.md'} (also summary.csv, tradeoff.png)"
+    )
     lam = next(h for h in exp.hparam_infos if h.name == "lambda")
     assert (lam.domain_interval.min_value, lam.domain_interval.max_value) == (0.1, 10.0)
 
@@ -292,12 +333,21 @@ def test_failed_job_is_a_failed_row_under_joblib(tmp_path):
     out = tmp_path / "sweep"
     fast = [a for a in FAST if not a.startswith("epochs")]
     # a sweep in which a job failed exits 1, after writing its summary
-    _cl_run("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=finetune", "epochs=1,0", *fast,
-            f"hydra.sweep.dir={out}", code=1)
+    _cl_run(
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "method=finetune",
+        "epochs=1,0",
+        *fast,
+        f"hydra.sweep.dir={out}",
+        code=1,
+    )
     table = _read_csv(out / "summary.csv")
     assert [(t["num"], t["status"]) for t in table] == [("0", "ok"), ("1", "failed")]
     assert "epochs" in table[1]["error"] and table[1]["acc_pct"] == ""
-    assert float(table[0]["acc_pct"]) == pytest.approx(100 * json.loads((out / table[0]["job"] / "metrics.json").read_text())["acc"])
+    assert float(table[0]["acc_pct"]) == pytest.approx(
+        100 * json.loads((out / table[0]["job"] / "metrics.json").read_text())["acc"]
+    )
     md = (out / "summary.md").read_text()
     assert "2 jobs: 1 ok, 1 failed" in md and "(failed): epochs must be a positive integer" in md
 
@@ -306,13 +356,19 @@ def test_failed_job_is_a_failed_row_under_joblib(tmp_path):
 def test_submitit_local_sweep_is_summarized(tmp_path):
     _needs("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")
     out = tmp_path / "sweep"
-    _cl_run("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1", *FAST,
-            f"hydra.sweep.dir={out}", timeout=400)
+    _cl_run(
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "seed=0,1",
+        *FAST,
+        f"hydra.sweep.dir={out}",
+        timeout=400,
+    )
     jobs = _job_folders(out)
     assert len(jobs) == 2 and (out / ".submitit").is_dir()
     table = _read_csv(out / "summary.csv")
     assert [t["seed"] for t in table] == ["0", "1"] and all(t["status"] == "ok" for t in table)
-    for job, line in zip(jobs, table):
+    for job, line in zip(jobs, table, strict=True):
         assert float(line["acc_pct"]) == pytest.approx(100 * json.loads((job / "metrics.json").read_text())["acc"])
     grouped = _read_csv(out / "summary_grouped.csv")  # two seeds of one setting
     assert len(grouped) == 1 and grouped[0]["n_ok"] == "2"
@@ -324,8 +380,16 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     """The two jobs differ only in method.fisher_labels: it gets a column in summary.csv, summary.md
     and the printed table; the folders are named by it; the last line names the summary."""
     out = tmp_path / "sweep"
-    res = _cl_run("method=ewc", "lambda=1", "method.fisher_labels=pred,all", "epochs=1", "threads=1",
-                  "benchmark.n_tasks=2", "device=cpu", f"hydra.sweep.dir={out}")
+    res = _cl_run(
+        "method=ewc",
+        "lambda=1",
+        "method.fisher_labels=pred,all",
+        "epochs=1",
+        "threads=1",
+        "benchmark.n_tasks=2",
+        "device=cpu",
+        f"hydra.sweep.dir={out}",
+    )
     assert [j.name for j in _job_folders(out)] == ["0_method.fisher_labels=pred", "1_method.fisher_labels=all"]
     table = _read_csv(out / "summary.csv")
     assert [t["method.fisher_labels"] for t in table] == ["pred", "all"]
@@ -338,25 +402,33 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     assert header.index("method.fisher_labels") < header.index("ACC %")  # the printed table's header row
     assert res.stdout.strip().splitlines()[-2].startswith(f"summary: {out.resolve() / 'summary.md'}")
     # rebuilding: same table, exit code 0 (all ok); a job folder removed → a missing row named like it
-    summary = subprocess.run([sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True,
-                             text=True, timeout=120)
+    summary = subprocess.run(
+        [sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+    )
     assert summary.returncode == 0, summary.stderr
     import shutil
 
     shutil.rmtree(out / "1_method.fisher_labels=all")
     rows = sweep.collect(out)
     assert [(r["num"], r["job"], r["status"]) for r in rows] == [
-        (0, "0_method.fisher_labels=pred", "ok"), (1, "1_method.fisher_labels=all", "missing")]
+        (0, "0_method.fisher_labels=pred", "ok"),
+        (1, "1_method.fisher_labels=all", "missing"),
+    ]
     assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
-    summary = subprocess.run([sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True,
-                             text=True, timeout=120)
+    summary = subprocess.run(
+        [sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+    )
     assert summary.returncode == 1
 
 
 def test_swept_keys_only_those_that_vary(tmp_path):
     for n, (labels, epochs) in enumerate([("pred", 3), ("all", 3), ("pred", 5)]):
-        _job(tmp_path, f"{n}_x", _metrics(0.5 + n / 10, method="ewc", method_options={"fisher_labels": labels}),
-             ["method=ewc", "lambda=1", f"method.fisher_labels={labels}", f"epochs={epochs}", "threads=1", "seed=0"])
+        _job(
+            tmp_path,
+            f"{n}_x",
+            _metrics(0.5 + n / 10, method="ewc", method_options={"fisher_labels": labels}),
+            ["method=ewc", "lambda=1", f"method.fisher_labels={labels}", f"epochs={epochs}", "threads=1", "seed=0"],
+        )
     rows = sweep.collect(tmp_path)
     assert sweep.swept_keys(rows) == ["epochs", "method.fisher_labels"]  # not lambda (own column), threads, seed
     sweep.write_summary(tmp_path, rows)
@@ -375,7 +447,16 @@ def test_statuses_are_kept_counted_and_only_ok_rows_are_averaged(tmp_path):
         _job(tmp_path, f"{seed}_seed={seed}", m, [f"seed={seed}"])
     _job(tmp_path, "7_seed=7", None, ["seed=7"])
     rows = sweep.collect(tmp_path)
-    assert [r["status"] for r in rows] == ["ok", "ok", "diverged", "interrupted", "cancelled", "timeout", "failed", "missing"]
+    assert [r["status"] for r in rows] == [
+        "ok",
+        "ok",
+        "diverged",
+        "interrupted",
+        "cancelled",
+        "timeout",
+        "failed",
+        "missing",
+    ]
     assert "unknown status 'bogus'" not in (rows[6]["error"] or "")  # its own error is kept
     assert sweep.sweep_status(rows) == 1 and sweep.sweep_status(rows[:2]) == 0 and sweep.sweep_status([]) == 1
     (g,) = [g for g in sweep.group(rows) if g["method"] == "l2"]  # the missing job has no identity
@@ -389,9 +470,17 @@ def test_statuses_are_kept_counted_and_only_ok_rows_are_averaged(tmp_path):
 
 def _multirun_yaml(root: Path, task: list[str]) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
-        "overrides": {"task": task, "hydra": []}, "sweeper": {"params": None},
-        "job": {"config": {"override_dirname": {"exclude_keys": ["data_dir", "device"]}}}}}))
+    (root / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "overrides": {"task": task, "hydra": []},
+                    "sweeper": {"params": None},
+                    "job": {"config": {"override_dirname": {"exclude_keys": ["data_dir", "device"]}}},
+                }
+            }
+        )
+    )
 
 
 def test_jobs_that_never_started_are_missing_rows_from_multirun_yaml(tmp_path):
@@ -399,14 +488,23 @@ def test_jobs_that_never_started_are_missing_rows_from_multirun_yaml(tmp_path):
     from cl_runner.identity import sweep_jobs
 
     jobs = sweep_jobs(tmp_path / "multirun.yaml")
-    assert jobs[:2] == [["method=l2", "lambda=1", "seed=0", "device=cpu"], ["method=l2", "lambda=1", "seed=1", "device=cpu"]]
+    assert jobs[:2] == [
+        ["method=l2", "lambda=1", "seed=0", "device=cpu"],
+        ["method=l2", "lambda=1", "seed=1", "device=cpu"],
+    ]
     assert len(jobs) == 6
     # jobs 0 and 4 ran (folder names need not match: jobs are matched by their overrides)
     _job(tmp_path, "0_whatever", _metrics(0.8, seed=0), jobs[0])
     _job(tmp_path, "4_lambda=10,seed=1", _metrics(0.7, lam=10.0, seed=1), jobs[4])
     rows = sweep.collect(tmp_path)
     assert [(r["num"], r["status"]) for r in rows] == [
-        (0, "ok"), (1, "missing"), (2, "missing"), (3, "missing"), (4, "ok"), (5, "missing")]
+        (0, "ok"),
+        (1, "missing"),
+        (2, "missing"),
+        (3, "missing"),
+        (4, "ok"),
+        (5, "missing"),
+    ]
     missing = {r["num"]: r for r in rows if r["status"] == "missing"}
     assert missing[5]["job"] == "5_lambda=10,seed=2" and missing[1]["job"] == "1_lambda=1,seed=1"
     assert (missing[5]["method"], missing[5]["lambda"], missing[5]["seed"]) == ("l2", 10, 2)
@@ -416,8 +514,9 @@ def test_jobs_that_never_started_are_missing_rows_from_multirun_yaml(tmp_path):
 
 def test_null_metrics_are_blank_never_zero_and_notes_say_why(tmp_path):
     m = _metrics(0.97, method="joint", lam=None, method_options={"mode": "all"})
-    m.update(bwt=None, forgetting=None, learning_accuracy=None,
-             metric_notes={"bwt": "mode=all trains only at the last task"})
+    m.update(
+        bwt=None, forgetting=None, learning_accuracy=None, metric_notes={"bwt": "mode=all trains only at the last task"}
+    )
     _job(tmp_path, "0_method=joint", m, ["method=joint"])
     rows = sweep.collect(tmp_path)
     sweep.write_summary(tmp_path, rows, figure=False)
@@ -442,11 +541,26 @@ def _with_matrix(acc, matrix, **kw):
 def test_intransigence_against_the_joint_job_of_the_same_seed(tmp_path):
     n = 0
     for seed in (0, 1):
-        _job(tmp_path, f"{n}_method=joint,seed={seed}", _with_matrix(0.9, [[0.95, 0.3], [0.93, 0.90 - seed / 10]],
-             method="joint", lam=None, seed=seed, method_options={"mode": "cumulative"}), ["method=joint", f"seed={seed}"])
+        _job(
+            tmp_path,
+            f"{n}_method=joint,seed={seed}",
+            _with_matrix(
+                0.9,
+                [[0.95, 0.3], [0.93, 0.90 - seed / 10]],
+                method="joint",
+                lam=None,
+                seed=seed,
+                method_options={"mode": "cumulative"},
+            ),
+            ["method=joint", f"seed={seed}"],
+        )
         n += 1
-        _job(tmp_path, f"{n}_method=ewc,seed={seed}", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.70]], method="ewc", seed=seed),
-             ["method=ewc", f"seed={seed}"])
+        _job(
+            tmp_path,
+            f"{n}_method=ewc,seed={seed}",
+            _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.70]], method="ewc", seed=seed),
+            ["method=ewc", f"seed={seed}"],
+        )
         n += 1
     rows = sweep.collect(tmp_path)
     by = {(r["method"], r["seed"]): r for r in rows}
@@ -461,7 +575,12 @@ def test_intransigence_against_the_joint_job_of_the_same_seed(tmp_path):
 
 
 def test_intransigence_is_absent_without_a_cumulative_joint_reference(tmp_path):
-    _job(tmp_path, "0_a", _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "all"}), ["method=joint"])
+    _job(
+        tmp_path,
+        "0_a",
+        _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "all"}),
+        ["method=joint"],
+    )
     _job(tmp_path, "1_b", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.7]], method="ewc"), ["method=ewc"])
     _job(tmp_path, "2_c", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.7]], method="ewc", seed=5), ["method=ewc", "seed=5"])
     rows = sweep.collect(tmp_path)
@@ -470,7 +589,12 @@ def test_intransigence_is_absent_without_a_cumulative_joint_reference(tmp_path):
     assert "intransigence_pct" not in _read_csv(tmp_path / "summary.csv")[0]
     # the joint jobs of another sweep, given with --joint
     ref = tmp_path.parent / "joint_sweep"
-    _job(ref, "0_seed=0", _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "cumulative"}), ["method=joint"])
+    _job(
+        ref,
+        "0_seed=0",
+        _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "cumulative"}),
+        ["method=joint"],
+    )
     assert sweep.main([str(tmp_path), "--joint", str(ref), "--quiet"]) == 0
     table = _read_csv(tmp_path / "summary.csv")
     assert table[1]["intransigence_pct"] != "" and table[2]["intransigence_pct"] == ""  # seed 5 has no reference
@@ -481,12 +605,20 @@ def _lambda_sweep(root: Path, lambdas=(0.0, 10.0, 1000.0), seeds=(0, 1)):
     n = 0
     for lam in lambdas:
         for seed in seeds:
-            _job(root, f"{n}_lambda={lam:g},seed={seed}", _metrics(0.6 + lam / 1e4 + seed / 100, method="ewc", lam=lam, seed=seed),
-                 ["method=ewc", f"lambda={lam:g}", f"seed={seed}"])
+            _job(
+                root,
+                f"{n}_lambda={lam:g},seed={seed}",
+                _metrics(0.6 + lam / 1e4 + seed / 100, method="ewc", lam=lam, seed=seed),
+                ["method=ewc", f"lambda={lam:g}", f"seed={seed}"],
+            )
             n += 1
     for seed in seeds:
-        _job(root, f"{n}_method=finetune,seed={seed}", _metrics(0.55, method="finetune", lam=None, seed=seed),
-             ["method=finetune", f"seed={seed}"])
+        _job(
+            root,
+            f"{n}_method=finetune,seed={seed}",
+            _metrics(0.55, method="finetune", lam=None, seed=seed),
+            ["method=finetune", f"seed={seed}"],
+        )
         n += 1
 
 
@@ -541,15 +673,21 @@ def test_no_tradeoff_figure_when_lambda_does_not_vary(tmp_path):
 def test_job_dirname_is_what_varies_and_deterministic():
     from cl_runner.identity import job_dirname, varying_keys
 
-    jobs = [["method=ewc", "lambda=1", "epochs=3", "seed=0"], ["method=ewc", "lambda=10", "epochs=3", "seed=0"],
-            ["method=si", "lambda=1", "epochs=3", "seed=0"]]
+    jobs = [
+        ["method=ewc", "lambda=1", "epochs=3", "seed=0"],
+        ["method=ewc", "lambda=10", "epochs=3", "seed=0"],
+        ["method=si", "lambda=1", "epochs=3", "seed=0"],
+    ]
     varying = varying_keys(jobs)
     assert varying == {"method", "lambda"}
     assert job_dirname(2, jobs[2], varying) == "2_lambda=1,method=si"
     assert job_dirname(2, list(reversed(jobs[2])), varying) == "2_lambda=1,method=si"  # order of overrides
     assert job_dirname(0, ["epochs=3", "device=cpu"], set(), {"device"}) == "0_epochs=3"  # nothing varies
     assert job_dirname(0, [], None) == "0"
-    assert job_dirname(1, ["model.hidden=[400,400]", "data=a/b"], {"model.hidden", "data"}) == "1_data=a_b,model.hidden=[400,400]"
+    assert (
+        job_dirname(1, ["model.hidden=[400,400]", "data=a/b"], {"model.hidden", "data"})
+        == "1_data=a_b,model.hidden=[400,400]"
+    )
 
 
 def test_cl_run_summary_console_script_is_declared():

@@ -18,9 +18,7 @@ from cl_runner.tb_extras import accuracy_heatmap, write_hparams, write_importanc
 
 
 def _acc(path) -> EventAccumulator:
-    acc = EventAccumulator(
-        str(path), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0}
-    )
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0})
     acc.Reload()
     return acc
 
@@ -110,7 +108,7 @@ def test_heatmap_image_and_histograms_in_event_files(tmp_path):
     for tag, per_task in (("importance/body/0/weight", "body.0.weight"), ("importance/head/bias", "head.bias")):
         evs = acc.Histograms(tag)
         assert [e.step for e in evs] == [1, 2]
-        for e, imp in zip(evs, (imp0, imp1)):
+        for e, imp in zip(evs, (imp0, imp1), strict=True):
             t = imp[per_task].double()
             h = e.histogram_value
             assert h.num == t.numel()
@@ -120,8 +118,11 @@ def test_heatmap_image_and_histograms_in_event_files(tmp_path):
 
 def test_importance_histograms_leave_out_non_finite_values(tmp_path):
     with SummaryWriter(str(tmp_path)) as w:
-        write_importance_histograms(w, {"a.weight": torch.tensor([1.0, float("nan"), 3.0, float("inf")]),
-                                        "b.bias": torch.tensor([float("nan")])}, 7)
+        write_importance_histograms(
+            w,
+            {"a.weight": torch.tensor([1.0, float("nan"), 3.0, float("inf")]), "b.bias": torch.tensor([float("nan")])},
+            7,
+        )
     acc = _acc(tmp_path)
     assert set(acc.Tags()["histograms"]) == {"importance/a/weight"}  # all-NaN: skipped, no crash
     (ev,) = acc.Histograms("importance/a/weight")
@@ -210,7 +211,12 @@ def _hparams_dashboard(logdir):
     req = api_pb2.ListSessionGroupsRequest(
         start_index=0,
         slice_size=1000,
-        allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING],
+        allowed_statuses=[
+            api_pb2.STATUS_UNKNOWN,
+            api_pb2.STATUS_SUCCESS,
+            api_pb2.STATUS_FAILURE,
+            api_pb2.STATUS_RUNNING,
+        ],
     )
     groups = list_session_groups.Handler(rc, ctx, "", req).run().session_groups
     return exp, groups
@@ -263,14 +269,23 @@ def _log_a_run(run_dir, matrix, initial, steps_per_task, status="ok"):
     tb = TensorBoardLogger(run_dir, len(matrix), trial=None)
     tb.evaluated(-1, initial)
     first = 0
-    for t, (row, n) in enumerate(zip(matrix, steps_per_task)):
+    for t, (row, n) in enumerate(zip(matrix, steps_per_task, strict=True)):
         tb.task_end(t, first, [1.0 / (k + 1) for k in range(n)], [0.1] * n)
         first += n
         tb.consolidated(t, _FakeMethod())
         tb.evaluated(t, row)
     names = [f"task{j}" for j in range(len(matrix))]
-    result = {"status": status, "task_names": names, "accuracy_matrix": matrix, "initial_accuracy": initial,
-              "acc": 0.8, "bwt": -0.1, "fwt": None, "forgetting": 0.1, "learning_accuracy": 0.9}
+    result = {
+        "status": status,
+        "task_names": names,
+        "accuracy_matrix": matrix,
+        "initial_accuracy": initial,
+        "acc": 0.8,
+        "bwt": -0.1,
+        "fwt": None,
+        "forgetting": 0.1,
+        "learning_accuracy": 0.9,
+    }
     tb.final(result, {"method": "ewc", "lambda": 10.0, "seed": 0})
     tb.close()
 
@@ -321,5 +336,9 @@ def test_sweep_dashboard_offers_the_headline_metrics_and_names_runs_by_folder(tm
     assert not (tmp_path / "0_lambda=10" / "tb").exists()  # the legacy <run>/tb path writes into the run folder
     exp, groups = _hparams_dashboard(tmp_path)
     assert sorted(m.name.tag for m in exp.metric_infos) == [
-        "hparam/acc", "hparam/bwt", "hparam/forgetting", "hparam/learning_accuracy"]
+        "hparam/acc",
+        "hparam/bwt",
+        "hparam/forgetting",
+        "hparam/learning_accuracy",
+    ]
     assert {g.name for g in groups} == {f"0_lambda=10 ({tmp_path.name})", f"1_lambda=1000 ({tmp_path.name})"}

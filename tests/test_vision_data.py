@@ -52,8 +52,12 @@ def write_mnist_like(root: Path, name: str = "mnist", gz: bool = False, seed: in
     raw.mkdir(parents=True, exist_ok=True)
     xtr, ytr = fake_split(seed, N_TRAIN, (28, 28))
     xte, yte = fake_split(seed + 100, N_TEST, (28, 28))
-    for stem, arr in (("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", ytr),
-                      ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", yte)):
+    for stem, arr in (
+        ("train-images-idx3-ubyte", xtr),
+        ("train-labels-idx1-ubyte", ytr),
+        ("t10k-images-idx3-ubyte", xte),
+        ("t10k-labels-idx1-ubyte", yte),
+    ):
         data = idx_bytes(arr)
         if gz:
             (raw / f"{stem}.gz").write_bytes(gzip.compress(data))
@@ -308,8 +312,9 @@ def test_rotation_by_zero_is_identity_and_by_90_is_a_quarter_turn(data):
     assert [t.name for t in s] == [f"mnist-rot{a}" for a in (0, 20, 40, 60, 80)]
     assert torch.equal(s[0].x_train, original)
     assert not torch.allclose(s[1].x_train, original)
-    s90 = build_stream(bench_cfg("rotated_mnist", angles=[90]), "domain", seed=0, device="cpu",
-                       data_dir=str(root), download=False)
+    s90 = build_stream(
+        bench_cfg("rotated_mnist", angles=[90]), "domain", seed=0, device="cpu", data_dir=str(root), download=False
+    )
     # 90° moves every pixel exactly onto another pixel centre: a counter-clockwise quarter turn
     # (torchvision's direction), nothing lost.
     assert torch.allclose(s90[0].x_train, torch.rot90(original, 1, dims=(2, 3)), atol=1e-5)
@@ -317,8 +322,14 @@ def test_rotation_by_zero_is_identity_and_by_90_is_a_quarter_turn(data):
 
 def test_padding_puts_the_image_in_the_centre(data):
     root, arrays = data
-    s = build_stream(bench_cfg("split_mnist", n_tasks=1, classes_per_task=10, pad=32), "class", seed=0,
-                     device="cpu", data_dir=str(root), download=False)
+    s = build_stream(
+        bench_cfg("split_mnist", n_tasks=1, classes_per_task=10, pad=32),
+        "class",
+        seed=0,
+        device="cpu",
+        data_dir=str(root),
+        download=False,
+    )
     x = s[0].x_test
     assert s.input_shape == (1, 32, 32)
     assert torch.equal(x[:, 0, 2:30, 2:30], as_float(arrays["mnist"]["x_test"]))
@@ -329,15 +340,23 @@ def test_padding_puts_the_image_in_the_centre(data):
 
 def test_normalization_given_and_computed(data):
     root, arrays = data
-    given = build_stream(bench_cfg("split_mnist", pad=32, normalize={"mean": 0.1, "std": 0.2752}), "domain",
-                         seed=0, device="cpu", data_dir=str(root), download=False)
-    plain = build_stream(bench_cfg("split_mnist", pad=32), "domain", seed=0, device="cpu", data_dir=str(root),
-                         download=False)
-    for a, b in zip(given, plain):
+    given = build_stream(
+        bench_cfg("split_mnist", pad=32, normalize={"mean": 0.1, "std": 0.2752}),
+        "domain",
+        seed=0,
+        device="cpu",
+        data_dir=str(root),
+        download=False,
+    )
+    plain = build_stream(
+        bench_cfg("split_mnist", pad=32), "domain", seed=0, device="cpu", data_dir=str(root), download=False
+    )
+    for a, b in zip(given, plain, strict=True):
         assert torch.allclose(a.x_train, (b.x_train - 0.1) / 0.2752, atol=1e-6)
         assert torch.allclose(a.x_test, (b.x_test - 0.1) / 0.2752, atol=1e-6)
-    auto = build_stream(bench_cfg("split_mnist", normalize="auto"), "domain", seed=0, device="cpu",
-                        data_dir=str(root), download=False)
+    auto = build_stream(
+        bench_cfg("split_mnist", normalize="auto"), "domain", seed=0, device="cpu", data_dir=str(root), download=False
+    )
     everything = torch.cat([t.x_train for t in auto])  # the five tasks cover the whole training set
     assert everything.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert everything.std().item() == pytest.approx(1.0, abs=1e-5)
@@ -349,7 +368,7 @@ def test_max_per_task_takes_a_seeded_subset(data):
     a = build_stream(cfg, "class", seed=1, device="cpu", data_dir=str(root), download=False)
     b = build_stream(cfg, "class", seed=1, device="cpu", data_dir=str(root), download=False)
     assert [t.n_train for t in a] == [5] * 5 and [len(t.y_test) for t in a] == [3] * 5
-    assert all(torch.equal(x.x_train, y.x_train) for x, y in zip(a, b))
+    assert all(torch.equal(x.x_train, y.x_train) for x, y in zip(a, b, strict=True))
     assert all(set(t.y_train.tolist()) <= set(range(*t.own_units)) for t in a)
 
 
@@ -366,8 +385,9 @@ def test_mnist_then_fashion_sequence(data):
 
 def test_fellowship_refuses_domain_before_reading_any_file(tmp_path, data):
     with pytest.raises(ValueError) as e:
-        build_stream(bench_cfg("mnist_fellowship"), "domain", seed=0, device="cpu", data_dir=str(tmp_path),
-                     download=False)  # an empty folder: the refusal must come first
+        build_stream(
+            bench_cfg("mnist_fellowship"), "domain", seed=0, device="cpu", data_dir=str(tmp_path), download=False
+        )  # an empty folder: the refusal must come first
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("scenario=domain does not fit benchmark mnist_fellowship")
@@ -390,19 +410,25 @@ def test_split_cifar10_and_cifar100(tmp_path, monkeypatch):
     for name in ("cifar10", "cifar100"):
         arrays = write_cifar(tmp_path, name)
         accept_fake_cifar(monkeypatch, arrays["folder"], name)
-    s = build_stream(bench_cfg("split_cifar10"), "domain", seed=0, device="cpu", data_dir=str(tmp_path),
-                     download=False)
+    s = build_stream(bench_cfg("split_cifar10"), "domain", seed=0, device="cpu", data_dir=str(tmp_path), download=False)
     assert len(s) == 5 and s.input_shape == (3, 32, 32) and s.n_outputs == 2
     assert [t.n_train for t in s] == [4] * 5
     # normalize: auto = per-channel statistics of the training set → each channel has mean 0, std 1
     x = torch.cat([t.x_train for t in s])
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5)
-    c100 = build_stream(bench_cfg("split_cifar100"), "class", seed=0, device="cpu", data_dir=str(tmp_path),
-                        download=False)
+    c100 = build_stream(
+        bench_cfg("split_cifar100"), "class", seed=0, device="cpu", data_dir=str(tmp_path), download=False
+    )
     assert len(c100) == 10 and c100.n_outputs == 100 and c100[3].classes == list(range(30, 40))
-    c20 = build_stream(bench_cfg("split_cifar100", n_tasks=20, classes_per_task=5), "task", seed=0, device="cpu",
-                       data_dir=str(tmp_path), download=False)
+    c20 = build_stream(
+        bench_cfg("split_cifar100", n_tasks=20, classes_per_task=5),
+        "task",
+        seed=0,
+        device="cpu",
+        data_dir=str(tmp_path),
+        download=False,
+    )
     assert len(c20) == 20 and c20[19].classes == [95, 96, 97, 98, 99] and c20[19].units == (95, 100)
 
 
@@ -458,11 +484,16 @@ def test_cl_run_offline_and_missing_gives_one_line_and_exit_2(tmp_path):
     exe = Path(sys.executable).with_name("cl-run")
     proc = subprocess.run(
         [str(exe), "benchmark=split_mnist", f"data_dir={empty}", "download=false", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: mnist: files not found in {empty / 'MNIST' / 'raw'}; expected train-images-idx3-ubyte")
+    assert lines[0].startswith(
+        f"error: mnist: files not found in {empty / 'MNIST' / 'raw'}; expected train-images-idx3-ubyte"
+    )
     assert not list(empty.iterdir())

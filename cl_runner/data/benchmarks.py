@@ -19,7 +19,8 @@ Order of operations: pad → task transform (permutation / rotation) → normali
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -3,8 +3,8 @@ and integer labels, read once. Loaders register themselves in ``LOADERS`` by nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -15,8 +15,8 @@ Evaluation of task j after training task i uses :meth:`TaskStream.eval_units`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -71,16 +71,16 @@ class TaskStream:
         return (0, self.tasks[max(trained, j)].units[1])
 
 
-def assign_units(class_groups: list[list[int]], scenario: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+def assign_units(
+    class_groups: list[list[int]], scenario: str
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
     """Output-unit layout for tasks with the given classes: (training units, own units, n_outputs)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     sizes = [len(g) for g in class_groups]
     if scenario == "domain":
         if len(set(sizes)) != 1:
-            raise ValueError(
-                f"domain-IL needs the same number of classes in every task (one shared head); got {sizes}"
-            )
+            raise ValueError(f"domain-IL needs the same number of classes in every task (one shared head); got {sizes}")
         k = sizes[0]
         return [(0, k)] * len(sizes), [(0, k)] * len(sizes), k
     own, lo = [], 0

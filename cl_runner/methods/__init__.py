@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cl_runner.methods.base import Method, TrainingData, eval_mode, named_params
 

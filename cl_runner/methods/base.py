@@ -25,10 +25,10 @@ state is not in its attributes overrides both.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
@@ -124,7 +124,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, mode in zip(model.modules(), modes):
+        for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
         for m, name, p in held:
             if m._parameters.get(name) is not p:

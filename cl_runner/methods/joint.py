@@ -45,9 +45,7 @@ class Joint(Method):
         y = torch.cat([k.y_train for k in tasks])
         sample_units = None
         if stream.scenario == "task":
-            sample_units = torch.cat(
-                [torch.tensor(k.units, device=y.device).expand(k.n_train, 2) for k in tasks]
-            )
+            sample_units = torch.cat([torch.tensor(k.units, device=y.device).expand(k.n_train, 2) for k in tasks])
         return TrainingData(x, y, task.units, sample_units)
 
 

@@ -42,7 +42,14 @@ class OnlineEWC(EWC):
         sq_grad_batches: int = 2,
     ):
         super().__init__(
-            strength, half, fisher_labels, fisher_samples, fisher_batch, fisher_estimator, sq_grad_batch_size, sq_grad_batches
+            strength,
+            half,
+            fisher_labels,
+            fisher_samples,
+            fisher_batch,
+            fisher_estimator,
+            sq_grad_batch_size,
+            sq_grad_batches,
         )
         self.gamma = check_range("gamma", gamma, 0.0, 1.0)
         self.gamma_in_penalty = check_bool("gamma_in_penalty", gamma_in_penalty)

@@ -25,7 +25,7 @@ CPU, never from the global RNG.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -115,11 +115,17 @@ def _linear_owners(model: nn.Module) -> list[tuple[str, nn.Linear]] | None:
 def _grads(scalar: Tensor, outs: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
     """∂scalar/∂out per layer output, zeros for a layer that does not reach the active outputs."""
     grads = torch.autograd.grad(scalar, outs, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+    return [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads, strict=True)]
 
 
-def _linear_pass(model: nn.Module, x: Tensor, units: tuple[int, int], kind: str, target: Tensor | None = None,
-                 chunk: int = FAST_CHUNK) -> dict[str, Tensor] | None:
+def _linear_pass(
+    model: nn.Module,
+    x: Tensor,
+    units: tuple[int, int],
+    kind: str,
+    target: Tensor | None = None,
+    chunk: int = FAST_CHUNK,
+) -> dict[str, Tensor] | None:
     """Σ over samples of squared (kind "labels": log p(target|x); "all": p-weighted over classes) or
     absolute (kind "mas": ‖f(x)‖²) per-sample gradients, by the outer-product closed form.
     Returns None when the model does not qualify (the caller then uses torch.func)."""
@@ -132,7 +138,7 @@ def _linear_pass(model: nn.Module, x: Tensor, units: tuple[int, int], kind: str,
     for s in range(0, len(x), chunk):
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name, _ in owners}
 
-        def record(module, inp, out, name):
+        def record(module, inp, out, name, seen=seen):  # this chunk's `seen`
             seen[name].append((inp[0].detach(), out))
             return out.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy, not on `out`
 
@@ -161,13 +167,13 @@ def _linear_pass(model: nn.Module, x: Tensor, units: tuple[int, int], kind: str,
                 weights = [torch.zeros_like(o) for o in outs]
                 for c in range(hi - lo):  # a loop over classes; the samples are batched
                     deltas = _grads(logp[:, c].sum(), outs, retain_graph=c < hi - lo - 1)
-                    for w, d in zip(weights, deltas):
+                    for w, d in zip(weights, deltas, strict=True):
                         w.addcmul_(d.square(), p[:, c : c + 1])
             else:
                 deltas = _grads(logp.gather(1, target[s : s + chunk, None]).sum(), outs)
                 weights = [d.square() for d in deltas]
             acts = [a.square() for a in acts]
-        for (name, module), w, a in zip(owners, weights, acts):
+        for (name, module), w, a in zip(owners, weights, acts, strict=True):
             prefix = f"{name}." if name else ""
             if module.weight.requires_grad:
                 acc[prefix + "weight"] += w.T @ a

@@ -17,7 +17,8 @@ and gradient,
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,11 +89,11 @@ class QuadraticPenalty(Method):
         scale = self.strength * (0.5 if self.half else 1.0)
         diffs = torch._foreach_sub([p for _, p in params], [self._anchor[n] for n, _ in params])
         weighted = diffs if self._weight is None else torch._foreach_mul(diffs, [self._weight[n] for n, _ in params])
-        for (_, p), w in zip(params, weighted):
+        for _, p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_add_([p.grad for _, p in params], weighted, alpha=2.0 * scale)
-        total = torch.stack([torch.dot(w.flatten(), d.flatten()) for w, d in zip(weighted, diffs)]).sum()
+        total = torch.stack([torch.dot(w.flatten(), d.flatten()) for w, d in zip(weighted, diffs, strict=True)]).sum()
         if self._const is not None:
             total = total + self._const
         return scale * total

@@ -60,9 +60,7 @@ class SI(QuadraticPenalty):
     def after_step(self, model: nn.Module) -> None:
         # multi-tensor (foreach) kernels: this runs every step
         params = named_params(model)
-        grads = self._task_grad if self.grad == "task" else {
-            n: p.grad for n, p in params.items() if p.grad is not None
-        }
+        grads = self._task_grad if self.grad == "task" else {n: p.grad for n, p in params.items() if p.grad is not None}
         names = [n for n in params if n in grads]
         current = [params[n].detach() for n in names]
         prev = [self._prev[n] for n in names]
