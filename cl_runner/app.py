@@ -79,13 +79,13 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     resolve_device(cfg.device)
     from cl_runner.data.benchmarks import check_benchmark, input_shape
-    from cl_runner.methods import build_method
+    from cl_runner.methods import method_from_config
     from cl_runner.models import build_model
     from cl_runner.trainer import make_optimizer_factory
 
     check_benchmark(cfg.benchmark, cfg.scenario)
     make_optimizer_factory(cfg.optimizer)
-    build_method(cfg.method.name, strength, identity(cfg)["method_options"])
+    method_from_config(cfg.method, strength)
     # options and fit to the input shape, before any data is read or folder made
     build_model(cfg.model, input_shape(cfg.benchmark), 10)
 
@@ -227,7 +227,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
 
     from cl_runner.data.benchmarks import build_stream
     from cl_runner.loggers import ConsoleLogger, Fanout, TensorBoardLogger, write_result_files
-    from cl_runner.methods import build_method
+    from cl_runner.methods import method_from_config
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
@@ -237,7 +237,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     stream = build_stream(cfg.benchmark, cfg.scenario, cfg.seed, device, cfg.data_dir, cfg.download)
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(device)
     ident = identity(cfg)
-    method = build_method(cfg.method.name, cfg.get("lambda"), ident["method_options"])
+    method = method_from_config(cfg.method, cfg.get("lambda"))
     hparams = {k: ident[k] for k in ("method", "benchmark", "scenario", "seed", "model", "optimizer")}
     hparams["lambda"] = method.strength if method.uses_strength else None
     hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})

@@ -34,7 +34,7 @@ def run_identity(cfg: DictConfig, experiment: str | None = None) -> dict[str, An
     ident["experiment"] = experiment
     method = cfg.get("method")
     ident["method_options"] = (
-        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda")}
+        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda") and not str(k).startswith("_")}
         if isinstance(method, DictConfig)
         else {}
     )

@@ -15,16 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_runner.build import options, partial, unknown_options
 from cl_runner.data.stream import TaskStream, batch_indices
 from cl_runner.methods.base import Method, TrainingData
 
-OPTIMIZERS = ("adam", "sgd")
-
 
 def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    name = cfg.get("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name={name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    """model → optimizer over its parameters: the ``optimizer`` node's ``_target_`` with its options
+    (lr and weight decay checked first, so that a bad value is one line)."""
+    make = partial(cfg, "optimizer")
+    bad = unknown_options(make.func, options(cfg), skip=("params",))
+    if bad:
+        raise ValueError(
+            f"optimizer {cfg.get('name')} has no option {', '.join(bad)}; valid options: {', '.join(bad.valid)}"
+        )
     try:
         lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0) or 0.0)
     except (TypeError, ValueError):
@@ -33,11 +37,7 @@ def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torc
         raise ValueError(f"optimizer.lr must be > 0 and finite, got {lr}")
     if not wd >= 0 or not math.isfinite(wd):
         raise ValueError(f"optimizer.weight_decay must be >= 0 and finite, got {wd}")
-    if name == "adam":
-        betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
-        return lambda m: torch.optim.Adam(m.parameters(), lr=lr, betas=betas, weight_decay=wd)
-    momentum = float(cfg.get("momentum", 0.0) or 0.0)
-    return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    return lambda m: make(m.parameters(), lr=lr, weight_decay=wd)
 
 
 def task_loss(logits: Tensor, y: Tensor, units: tuple[int, int], sample_units: Tensor | None = None) -> Tensor:

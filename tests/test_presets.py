@@ -46,7 +46,9 @@ def compose(*overrides: str):
 
 
 def resolved(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The composed values, without Hydra's instantiation keys (``_target_``, ``_partial_``)."""
+    strip = lambda node: {k: v for k, v in node.items() if not k.startswith("_")} if isinstance(node, dict) else node  # noqa: E731
+    return {k: strip(v) for k, v in OmegaConf.to_container(cfg, resolve=True).items()}
 
 
 def test_all_named_presets_exist():

@@ -1,41 +1,48 @@
-"""Continual-learning methods: one module per method, ``cl_runner/methods/<name>.py`` exposing
-``METHOD`` (a :class:`~cl_runner.methods.base.Method` subclass), mirrored by
-``configs/method/<name>.yaml``."""
+"""Continual-learning methods: one module per method, ``cl_runner/methods/<name>.py`` with a
+:class:`~cl_runner.methods.base.Method` subclass, and one config, ``configs/method/<name>.yaml``,
+whose ``_target_`` names that class (Hydra's instantiation builds it; no registry)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from cl_runner.build import options, partial, unknown_options
 from cl_runner.methods.base import Method, TrainingData, eval_mode, named_params
 
-__all__ = ["Method", "TrainingData", "eval_mode", "named_params", "build_method"]
+__all__ = ["Method", "TrainingData", "eval_mode", "named_params", "build_method", "method_from_config"]
 
 
-def build_method(name: str, strength: float | None, options: Mapping[str, Any]) -> Method:
-    """Instantiate method ``name`` with strength λ and its config options.
+def method_from_config(node: Any, strength: float | None) -> Method:
+    """The method of a composed ``method`` config node with strength λ (the run's ``lambda``).
 
-    Raises ValueError with a one-line message for an unknown method or option.
+    Raises ValueError with a one-line message for an unknown option or a λ the method cannot take.
     """
-    try:
-        module = importlib.import_module(f"cl_runner.methods.{name}")
-        cls = module.METHOD
-    except (ModuleNotFoundError, AttributeError):
-        raise ValueError(f"method.name={name!r} is not a known method") from None
-    params = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        valid = sorted(p for p in params if p not in ("self", "strength"))
+    name = node.get("name")
+    make = partial(node, "method")
+    bad = unknown_options(make.func, options(node), skip=("strength",))
+    if bad:
         raise ValueError(
-            f"method {name} has no option {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
+            f"method {name} has no option {', '.join(bad)}; valid options: {', '.join(bad.valid) or 'none'}"
         )
-    if not cls.uses_strength:
+    if not make.func.uses_strength:
         if strength:
             raise ValueError(
                 f"lambda={strength:g} given, but method={name} has no regularization strength; "
                 "drop lambda= or choose a regularized method (l2, ewc, online_ewc, mas, si)"
             )
         strength = 0.0
-    return cls(strength=float(strength or 0.0), **options)
+    return make(strength=float(strength or 0.0))
+
+
+def build_method(name: str, strength: float | None, options: Mapping[str, Any]) -> Method:
+    """Method ``name`` (the shipped ``configs/method/<name>.yaml``'s ``_target_``) with strength λ and
+    ``options``; the options not given take the constructor's values (tests, scripts)."""
+    path = resources.files("cl_runner.configs") / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"method.name={name!r} is not a known method")
+    target = OmegaConf.load(str(path)).get("_target_")
+    return method_from_config({"name": name, "_target_": target, **options}, strength)

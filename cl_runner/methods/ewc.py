@@ -113,6 +113,3 @@ class EWC(QuadraticPenalty):
 
     def importance(self) -> dict[str, Tensor]:
         return dict(self._latest)
-
-
-METHOD = EWC

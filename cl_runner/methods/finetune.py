@@ -7,6 +7,3 @@ class Finetune(Method):
     """Plain sequential training. Has no strength: a non-zero ``lambda`` is refused."""
 
     name = "finetune"
-
-
-METHOD = Finetune

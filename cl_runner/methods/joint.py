@@ -47,6 +47,3 @@ class Joint(Method):
         if stream.scenario == "task":
             sample_units = torch.cat([torch.tensor(k.units, device=y.device).expand(k.n_train, 2) for k in tasks])
         return TrainingData(x, y, task.units, sample_units)
-
-
-METHOD = Joint

@@ -22,6 +22,3 @@ class L2(QuadraticPenalty):
 
     def after_task(self, model: nn.Module, task: Task) -> None:
         self.set_terms([(snapshot(model), None)])
-
-
-METHOD = L2

@@ -63,6 +63,3 @@ class MAS(QuadraticPenalty):
 
     def importance(self) -> dict[str, Tensor]:
         return dict(self._omega)
-
-
-METHOD = MAS

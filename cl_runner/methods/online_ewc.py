@@ -66,6 +66,3 @@ class OnlineEWC(EWC):
 
     def importance(self) -> dict[str, Tensor]:
         return dict(self._running)
-
-
-METHOD = OnlineEWC

@@ -82,6 +82,3 @@ class SI(QuadraticPenalty):
     def path_integral(self) -> dict[str, Tensor]:
         """This task's ω so far (for tests and diagnostics)."""
         return dict(self._w)
-
-
-METHOD = SI
