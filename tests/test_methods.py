@@ -587,13 +587,16 @@ def test_configs_defaults_cli_overrides_and_protocol():
     assert mas.per_sample is False
     joint = from_cfg(compose("method=joint", "method.mode=all"))
     assert joint.mode == "all" and joint.strength == 0.0
-    # a preset's protocol block feeds the defaults; the command line still wins
-    proto = ["+protocol.ewc={lambda: 100, half: false, fisher_labels: true}", "+protocol.si={xi: 0.5, grad: total}"]
-    ewc = from_cfg(compose("method=ewc", *proto))
-    assert (ewc.strength, ewc.half, ewc.fisher_labels) == (100.0, False, "true")
-    assert from_cfg(compose("method=ewc", *proto, "lambda=7", "method.half=true")).strength == 7.0
-    si = from_cfg(compose("method=si", *proto))
-    assert (si.xi, si.grad) == (0.5, "total")
+    # a preset's per-method file (configs/protocol/<experiment>/<method>.yaml) feeds the defaults;
+    # the command line still wins
+    hsu, vdv = "experiment=hsu2018_split_mnist_domain", "experiment=vandeven2019_permuted_mnist_domain"
+    ewc = from_cfg(compose("method=ewc", hsu))
+    assert (ewc.strength, ewc.half, ewc.fisher_labels) == (100.0, False, "pred")
+    ewc = from_cfg(compose("method=ewc", hsu, "lambda=7", "method.half=true"))
+    assert (ewc.strength, ewc.half) == (7.0, True)
+    si = from_cfg(compose("method=si", vdv))
+    assert (si.strength, si.xi, si.grad) == (5.0, 0.1, "total")
+    assert from_cfg(compose("method=si", vdv, "method.grad=task")).grad == "task"
 
 
 # ---- joint ----------------------------------------------------------------------------------------

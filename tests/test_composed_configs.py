@@ -1,0 +1,38 @@
+"""Every method, bare and under every experiment preset, composes to the values it had before the
+presets' per-method values moved from `protocol.*` + `oc.select` into configs/protocol/<experiment>/
+<method>.yaml (chosen by each preset's defaults list). tests/data/composed_configs.json was written
+by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's instantiation keys
+(`_target_`, `_partial_`) are not values and are left out of the comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+FROZEN = json.loads((Path(__file__).parent / "data" / "composed_configs.json").read_text())
+
+
+def _values(node):
+    if isinstance(node, dict):
+        return {k: _values(v) for k, v in node.items() if not k.startswith("_")}
+    return node
+
+
+@pytest.mark.parametrize("overrides", sorted(FROZEN))
+def test_composes_to_the_same_values_as_before(overrides, monkeypatch):
+    monkeypatch.delenv("CL_RUNNER_DATA", raising=False)  # data_dir's default
+    with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+        cfg = hydra.compose("config", overrides=overrides.split())
+    assert _values(OmegaConf.to_container(cfg, resolve=True)) == FROZEN[overrides]
+
+
+def test_command_line_wins_over_a_preset():
+    with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+        exp = ["experiment=hsu2018_split_mnist_domain", "method=si"]
+        assert hydra.compose("config", overrides=exp)["lambda"] == 3000
+        cfg = hydra.compose("config", overrides=[*exp, "lambda=7", "method.xi=0.5"])
+    assert (cfg["lambda"], cfg.method.xi, cfg.method.grad) == (7, 0.5, "task")
