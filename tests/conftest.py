@@ -25,3 +25,13 @@ def cl_run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproces
 @pytest.fixture
 def compose_cfg():
     return compose_config
+
+
+def defaults(method: str, **given):
+    """The options of configs/method/<method>.yaml (the one place for a method's defaults; constructors
+    have none), updated by ``given``: for tests that build a method class directly."""
+    from omegaconf import OmegaConf
+
+    from cl_runner.build import options
+
+    return {**options(OmegaConf.load(ROOT / "configs" / "method" / f"{method}.yaml")), **given}

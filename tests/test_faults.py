@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CL_RUN, cl_run, compose_config
+from conftest import CL_RUN, cl_run, compose_config, defaults
 
 from cl_runner.app import main, run_experiment
 from cl_runner.loggers import read_matrix_csv
@@ -355,7 +355,7 @@ def test_importance_randomness_depends_on_the_run_seed():
     model = MLP(stream.input_shape, stream.n_outputs, hidden=[16])
 
     def fisher(seed):
-        ewc = EWC(fisher_labels="sample", fisher_samples=50)
+        ewc = EWC(1.0, **defaults("ewc", fisher_labels="sample", fisher_samples=50))
         ewc.setup(model, stream, seed=seed)
         return ewc.fisher(model, stream[0])
 

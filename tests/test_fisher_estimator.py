@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import defaults
 from test_methods import UNITS, assert_dicts_close, make_model, make_task
 from torch import nn
 
@@ -84,10 +85,9 @@ def test_ewc_option_selects_the_estimator_and_pred_labels_follow_the_model():
     model, task = make_model(), make_task(n=23)
     ewc = EWC(
         1.0,
-        fisher_estimator="squared_batch_grad",
-        fisher_labels="true",
-        sq_grad_batch_size=6,
-        sq_grad_batches=2,
+        **defaults(
+            "ewc", fisher_estimator="squared_batch_grad", fisher_labels="true", sq_grad_batch_size=6, sq_grad_batches=2
+        ),
     )
     assert_dicts_close(
         ewc.fisher(model, task),
@@ -98,10 +98,7 @@ def test_ewc_option_selects_the_estimator_and_pred_labels_follow_the_model():
         pred = model(task.x_train)[:, UNITS[0] : UNITS[1]].argmax(1) + UNITS[0]
         model.train()
     ewc_pred = EWC(
-        1.0,
-        fisher_estimator="squared_batch_grad",
-        fisher_labels="pred",
-        sq_grad_batch_size=6,
+        1.0, **defaults("ewc", fisher_estimator="squared_batch_grad", fisher_labels="pred", sq_grad_batch_size=6)
     )
     assert_dicts_close(
         ewc_pred.fisher(model, task),
@@ -109,10 +106,7 @@ def test_ewc_option_selects_the_estimator_and_pred_labels_follow_the_model():
     )
     # online EWC takes the same options
     online = OnlineEWC(
-        1.0,
-        fisher_estimator="squared_batch_grad",
-        fisher_labels="true",
-        sq_grad_batch_size=6,
+        1.0, **defaults("online_ewc", fisher_estimator="squared_batch_grad", fisher_labels="true", sq_grad_batch_size=6)
     )
     online.after_task(model, task)
     assert_dicts_close(
@@ -133,12 +127,7 @@ def test_importance_pass_leaves_the_model_as_it_found_it():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     flags = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    ewc = EWC(
-        1.0,
-        fisher_estimator="squared_batch_grad",
-        fisher_labels="true",
-        sq_grad_batch_size=8,
-    )
+    ewc = EWC(1.0, **defaults("ewc", fisher_estimator="squared_batch_grad", fisher_labels="true", sq_grad_batch_size=8))
     ewc.after_task(model, task)
     assert torch.equal(torch.get_rng_state(), rng)
     assert [m.training for m in model.modules()] == flags

@@ -8,6 +8,7 @@ import copy
 import hydra
 import pytest
 import torch
+from conftest import defaults
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -144,7 +145,7 @@ def test_fisher_equals_brute_force_loop(labels, path, path_taken):
     # (dropout kept: eval mode must switch it off) through the Linear closed form
     model, task = make_model(batch_norm=path == "func"), make_task()
     model.train()  # the pass must switch to eval mode by itself
-    ewc = EWC(strength=1.0, fisher_labels=labels, fisher_batch=4)
+    ewc = EWC(1.0, **defaults("ewc", fisher_labels=labels, fisher_batch=4))
     ewc.after_task(model, task)
     lo = task.units[0]
     x, y = task.x_train, task.y_train
@@ -204,7 +205,11 @@ def test_sampled_labels_follow_softmax_and_leave_global_rng():
 
 def test_fisher_samples_uses_a_seeded_subset():
     model, task = make_model(), make_task(n=40)
-    a, b, full = EWC(1.0, fisher_samples=9), EWC(1.0, fisher_samples=9), EWC(1.0)
+    a, b, full = (
+        EWC(1.0, **defaults("ewc", fisher_labels="pred", fisher_samples=9)),
+        EWC(1.0, **defaults("ewc", fisher_labels="pred", fisher_samples=9)),
+        EWC(1.0, **defaults("ewc", fisher_labels="pred")),
+    )
     for m in (a, b, full):
         m.after_task(model, task)
     assert_dicts_close(a.importance(), b.importance(), rtol=0, atol=0)  # deterministic
@@ -219,7 +224,9 @@ def test_fisher_samples_uses_a_seeded_subset():
 
 
 def consolidated(name: str, model: nn.Module, task: Task, **kw):
-    method = {"l2": L2, "ewc": EWC, "online_ewc": OnlineEWC, "mas": MAS, "si": SI}[name](strength=1.0, **kw)
+    old_default = {"fisher_labels": "pred"} if "ewc" in name else {}  # what the constructor's default was
+    cls = {"l2": L2, "ewc": EWC, "online_ewc": OnlineEWC, "mas": MAS, "si": SI}[name]
+    method = cls(strength=1.0, **defaults(name, **{**old_default, **kw}))
     method.setup(model, None)
     assert method.penalty(model) is None  # nothing consolidated yet
     if name == "si":
@@ -260,7 +267,7 @@ def test_l2_equals_ewc_with_unit_fisher():
             return {n: torch.ones_like(p) for n, p in model.named_parameters()}
 
     model, task = make_model(), make_task()
-    l2, ewc = L2(1.0), UnitEWC(1.0, half=False)
+    l2, ewc = L2(1.0), UnitEWC(1.0, **defaults("ewc", fisher_labels="pred", half=False))
     l2.after_task(model, task)
     ewc.after_task(model, task)
     perturb(model, 0.1)
@@ -277,7 +284,10 @@ def test_l2_equals_ewc_with_unit_fisher():
 
 def test_ewc_keeps_one_term_per_task_and_half_factor():
     model = make_model(dropout=0.0)
-    full, half = EWC(1.0, half=False), EWC(1.0, half=True)
+    full, half = (
+        EWC(1.0, **defaults("ewc", fisher_labels="pred", half=False)),
+        EWC(1.0, **defaults("ewc", fisher_labels="pred", half=True)),
+    )
     anchors, fishers = [], []
     for t in range(3):
         perturb(model, 0.3, seed=t)
@@ -311,7 +321,9 @@ def test_ewc_keeps_one_term_per_task_and_half_factor():
 def test_online_ewc_after_three_tasks_is_the_gamma_weighted_sum(gamma_in_penalty, half):
     gamma = 0.7
     model = make_model(dropout=0.0)
-    online = OnlineEWC(1.0, half=half, gamma=gamma, gamma_in_penalty=gamma_in_penalty, fisher_labels="all")
+    online = OnlineEWC(
+        1.0, **defaults("online_ewc", half=half, gamma=gamma, gamma_in_penalty=gamma_in_penalty, fisher_labels="all")
+    )
     fishers = []
     for t in range(3):
         perturb(model, 0.3, seed=t)
@@ -338,7 +350,7 @@ def test_online_ewc_after_three_tasks_is_the_gamma_weighted_sum(gamma_in_penalty
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_mas_equals_brute_force_and_sums_over_tasks(per_sample, batch_norm, path_taken):
     model = make_model(batch_norm=batch_norm)
-    mas = MAS(1.0, per_sample=per_sample, mas_batch=4)
+    mas = MAS(1.0, **defaults("mas", per_sample=per_sample, mas_batch=4))
     t0, t1 = make_task(0, units=(0, 3)), make_task(1, n=17, units=(3, 6))
     mas.after_task(model, t0)
     first = brute_mas(model, t0.x_train, t0.units, None if per_sample else 4)
@@ -438,7 +450,7 @@ def test_si_matches_closed_form_on_a_quadratic(grad):
     theta0 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     lr, steps, xi, lam = 0.1, 20, 0.1, 0.3
     model = Quadratic(theta0.tolist())
-    si = SI(strength=lam, xi=xi, grad=grad)
+    si = SI(lam, **defaults("si", xi=xi, grad=grad))
 
     # task 1: no penalty, so both gradient choices agree. e_k = θ_k − c = r^k e_0, r = 1 − lr·a,
     # ω = Σ_k lr·g_k² = a·e_0²·(1 − r^{2N}) / (2 − lr·a), Δ = e_0 (r^N − 1)
@@ -471,7 +483,7 @@ def test_si_task_and_total_gradients_differ_once_penalized():
     a = torch.tensor([2.0], dtype=torch.float64)
     out = {}
     for grad in ("task", "total"):
-        model, si = Quadratic([0.0]), SI(strength=1.0, grad=grad)
+        model, si = Quadratic([0.0]), SI(1.0, **defaults("si", grad=grad))
         run_si_task(si, model, a, torch.tensor([1.0], dtype=torch.float64), 0.1, 10, 1.0)
         out[grad] = run_si_task(si, model, a, torch.tensor([-1.0], dtype=torch.float64), 0.1, 10, 1.0)
     assert not torch.allclose(out["task"], out["total"])
@@ -483,16 +495,19 @@ def test_si_task_and_total_gradients_differ_once_penalized():
 @pytest.mark.parametrize(
     "make, batch_norm",
     [
-        *[(lambda lab=lab: EWC(1.0, fisher_labels=lab, fisher_samples=11), True) for lab in FISHER_LABELS],
-        (lambda: OnlineEWC(1.0, gamma=0.5, fisher_labels="sample"), True),
-        (lambda: MAS(1.0, per_sample=True, mas_samples=10), True),
-        (lambda: MAS(1.0, per_sample=False), True),
-        (lambda: SI(1.0), True),
+        *[
+            (lambda lab=lab: EWC(1.0, **defaults("ewc", fisher_labels=lab, fisher_samples=11)), True)
+            for lab in FISHER_LABELS
+        ],
+        (lambda: OnlineEWC(1.0, **defaults("online_ewc", gamma=0.5, fisher_labels="sample")), True),
+        (lambda: MAS(1.0, **defaults("mas", per_sample=True, mas_samples=10)), True),
+        (lambda: MAS(1.0, **defaults("mas", per_sample=False)), True),
+        (lambda: SI(1.0, **defaults("si")), True),
         (lambda: L2(1.0), True),
         # the closed-form path (no affine batch norm): hooks, autograd.grad
-        (lambda: EWC(1.0, fisher_labels="all"), False),
-        (lambda: OnlineEWC(1.0, gamma=0.5, fisher_labels="sample"), False),
-        (lambda: MAS(1.0), False),
+        (lambda: EWC(1.0, **defaults("ewc", fisher_labels="all")), False),
+        (lambda: OnlineEWC(1.0, **defaults("online_ewc", gamma=0.5, fisher_labels="sample")), False),
+        (lambda: MAS(1.0, **defaults("mas")), False),
     ],
 )
 def test_importance_pass_leaves_model_optimizer_grad_and_rng_unchanged(make, batch_norm):

@@ -39,10 +39,10 @@ def method_from_config(node: Any, strength: float | None) -> Method:
 
 
 def build_method(name: str, strength: float | None, options: Mapping[str, Any]) -> Method:
-    """Method ``name`` (the shipped ``configs/method/<name>.yaml``'s ``_target_``) with strength λ and
-    ``options``; the options not given take the constructor's values (tests, scripts)."""
+    """Method ``name`` of the shipped ``configs/method/<name>.yaml`` with strength λ and ``options``
+    (tests, scripts); the options not given take that file's values, the one place for defaults."""
     path = resources.files("cl_runner.configs") / "method" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"method.name={name!r} is not a known method")
-    target = OmegaConf.load(str(path)).get("_target_")
-    return method_from_config({"name": name, "_target_": target, **options}, strength)
+    node = OmegaConf.load(str(path))
+    return method_from_config({**OmegaConf.to_container(node), **options}, strength)

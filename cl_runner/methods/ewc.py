@@ -26,10 +26,10 @@
 - Defaults (configs/method/ewc.yaml, which explains them): half=true (Kirkpatrick's and van de
   Ven's λ/2; Hsu et al. use half=false), fisher_estimator=per_sample, fisher_labels=all (the exact
   Fisher, Kirkpatrick's definition; the presets set their papers' ``pred``), all training samples.
-  (The constructor's own defaults, λ = 1e7 and ``pred``, are older and only matter to code that
-  builds ``EWC()`` directly.) ``fisher_batch`` bounds the per-sample gradients held
-  in memory at once by the ``torch.func`` path (for ``all``: fisher_batch // K samples × K
-  classes); Linear-only models take an exact closed form that holds none (see per_sample.py).
+  The constructor has no defaults of its own (the YAML is the one place). ``fisher_batch`` bounds
+  the per-sample gradients held in memory at once by the ``torch.func`` path (for ``all``:
+  fisher_batch // K samples × K classes); Linear-only models take an exact closed form that holds
+  none (see per_sample.py).
 - ``importance()``: the latest task's Fisher.
 """
 
@@ -60,14 +60,14 @@ class EWC(QuadraticPenalty):
 
     def __init__(
         self,
-        strength: float = 1e7,
-        half: bool = True,
-        fisher_labels: str = "pred",
-        fisher_samples: int | None = None,
-        fisher_batch: int = 16,
-        fisher_estimator: str = "per_sample",
-        sq_grad_batch_size: int = 100,
-        sq_grad_batches: int = 2,
+        strength: float,
+        half: bool,
+        fisher_labels: str,
+        fisher_samples: int | None,
+        fisher_batch: int,
+        fisher_estimator: str,
+        sq_grad_batch_size: int,
+        sq_grad_batches: int,
     ):
         super().__init__(strength, half=half)
         self.fisher_labels = check_choice("fisher_labels", fisher_labels, FISHER_LABELS)

@@ -26,7 +26,7 @@ class Joint(Method):
     name = "joint"
     uses_strength = False
 
-    def __init__(self, strength: float = 0.0, mode: str = "cumulative"):
+    def __init__(self, strength: float, mode: str):
         super().__init__(strength)
         self.mode = check_choice("mode", mode, MODES)
 

@@ -17,7 +17,7 @@ from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
 class L2(QuadraticPenalty):
     name = "l2"
 
-    def __init__(self, strength: float = 1.0):
+    def __init__(self, strength: float):
         super().__init__(strength, half=False)
 
     def after_task(self, model: nn.Module, task: Task) -> None:

@@ -36,10 +36,10 @@ class MAS(QuadraticPenalty):
 
     def __init__(
         self,
-        strength: float = 3.0,
-        per_sample: bool = True,
-        mas_samples: int | None = None,
-        mas_batch: int = 64,
+        strength: float,
+        per_sample: bool,
+        mas_samples: int | None,
+        mas_batch: int,
     ):
         super().__init__(strength, half=False)
         self.per_sample = check_bool("per_sample", per_sample)

@@ -30,16 +30,16 @@ class OnlineEWC(EWC):
 
     def __init__(
         self,
-        strength: float = 1e7,
-        half: bool = True,
-        fisher_labels: str = "pred",
-        fisher_samples: int | None = None,
-        fisher_batch: int = 16,
-        gamma: float = 1.0,
-        gamma_in_penalty: bool = False,
-        fisher_estimator: str = "per_sample",
-        sq_grad_batch_size: int = 100,
-        sq_grad_batches: int = 2,
+        strength: float,
+        half: bool,
+        fisher_labels: str,
+        fisher_samples: int | None,
+        fisher_batch: int,
+        gamma: float,
+        gamma_in_penalty: bool,
+        fisher_estimator: str,
+        sq_grad_batch_size: int,
+        sq_grad_batches: int,
     ):
         super().__init__(
             strength,

@@ -32,7 +32,7 @@ GRADS = ("task", "total")
 class SI(QuadraticPenalty):
     name = "si"
 
-    def __init__(self, strength: float = 3000.0, xi: float = 0.1, grad: str = "task"):
+    def __init__(self, strength: float, xi: float, grad: str):
         super().__init__(strength, half=False)
         self.xi = check_range("xi", xi, 0.0, float("inf"), lo_open=True)
         self.grad = check_choice("grad", grad, GRADS)
