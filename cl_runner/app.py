@@ -7,8 +7,13 @@ records ``metrics.json`` with ``status: failed`` and the sweep goes on, so its s
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import math
+import os
 import re
 import sys
+import tempfile
 import time
 import traceback
 from importlib import resources
@@ -21,6 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 from cl_runner.data.datasets import DatasetUnavailable
 from cl_runner.data.stream import SCENARIOS
 from cl_runner.identity import run_identity
+from cl_runner.runfiles import (
+    CHECKPOINT,
+    CONFIG,
+    RunLock,
+    check_not_busy,
+    config_differences,
+    load_checkpoint,
+    read_status,
+    save_checkpoint,
+    write_atomic,
+)
 
 CONFIG_MODULE = "cl_runner.configs"
 USER_ERRORS = (ValueError, DatasetUnavailable)
@@ -51,9 +67,11 @@ def validate(cfg: DictConfig) -> None:
     if strength is not None:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise ValueError(f"lambda must be a number >= 0, got {strength!r}")
+        if not math.isfinite(strength):
+            raise ValueError(f"lambda must be a finite number >= 0, got {strength}")
         if strength < 0:
             raise ValueError(f"lambda must be >= 0, got {strength}")
-    for key in ("reset_optimizer", "download"):
+    for key in ("reset_optimizer", "download", "keep_checkpoint"):
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     resolve_device(cfg.device)
@@ -61,9 +79,14 @@ def validate(cfg: DictConfig) -> None:
     from cl_runner.methods import build_method
     from cl_runner.trainer import make_optimizer_factory
 
+    from cl_runner.data.benchmarks import input_shape
+    from cl_runner.models import build_model
+
     check_benchmark(cfg.benchmark, cfg.scenario)
     make_optimizer_factory(cfg.optimizer)
     build_method(cfg.method.name, strength, identity(cfg)["method_options"])
+    # options and fit to the input shape, before any data is read or folder made
+    build_model(cfg.model, input_shape(cfg.benchmark), 10)
 
 
 def resolve_device(name: Any) -> "torch.device":
@@ -80,6 +103,56 @@ def resolve_device(name: Any) -> "torch.device":
 
 
 # ----------------------------------------------------------------------------- the run
+#: exit codes of cl-run (README: "When things go wrong")
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+#: a folder whose metrics.json has one of these statuses is never run again
+FINISHED = ("ok", "diverged")
+METRIC_KEYS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
+
+
+class AlreadyFinished(ValueError):
+    """The run folder already holds a finished run (a sweep skips it; a single run refuses)."""
+
+    def __init__(self, out_dir: Path, status: str):
+        self.status = status
+        super().__init__(f"{out_dir} already holds a finished run (metrics.json, status {status}); choose another hydra.run.dir")
+
+
+class RunStopped(Exception):
+    """The run ended early and its partial results were saved: ``status`` diverged or interrupted."""
+
+    def __init__(self, status: str, message: str, out_dir: Path):
+        self.status, self.out_dir = status, out_dir
+        super().__init__(message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (kill, scancel, preemption) handled like Ctrl-C: stop, keep what is finished."""
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """Turn SIGTERM into :class:`Interrupted` while a run trains, unless something else (e.g.
+    submitit, which relies on its own signals) already handles it."""
+    import signal
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        installed = previous in (signal.SIG_DFL, None)
+        if installed:
+            signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The config values that identify a run (in metrics.json and the sweep summary)."""
     experiment = None
@@ -93,25 +166,45 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return run_identity(cfg, experiment)
 
 
+def _claim_config(out_dir: Path, resolved: dict[str, Any]) -> None:
+    """Save the run's resolved config, or check that a resumed folder was made by the same one."""
+    path = out_dir / CONFIG
+    if path.is_file():
+        _claim_config_check(out_dir, resolved)
+    else:
+        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
 def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[str, Any]:
     """Run one experiment described by a composed config; write its files into ``out_dir``.
 
-    Returns the content of ``metrics.json``. Raises ValueError/DatasetUnavailable for bad input.
+    Resumes from ``out_dir``'s checkpoint when there is one (same config required). Returns the
+    content of ``metrics.json``. Raises ValueError/DatasetUnavailable for bad input,
+    :class:`AlreadyFinished` for a finished folder, :class:`RunStopped` after saving a diverged or
+    interrupted run's partial results.
     """
     import torch
 
     out_dir = Path(out_dir)
-    if (out_dir / "metrics.json").exists():
-        raise ValueError(f"{out_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
     validate(cfg)
     device = resolve_device(cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, out_dir, device, console)
-    finally:
-        torch.set_num_threads(threads)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the run folder {out_dir}: {(e.strerror or str(e)).lower()}") from None
+    with RunLock(out_dir):
+        previous = read_status(out_dir)
+        if previous is not None and previous.get("status") in FINISHED:
+            raise AlreadyFinished(out_dir, previous["status"])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        _claim_config(out_dir, resolved)
+        threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            return _run(cfg, out_dir, device, console)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
@@ -122,7 +215,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     from cl_runner.methods import build_method
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
-    from cl_runner.trainer import Trainer, make_optimizer_factory
+    from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -134,44 +227,76 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     hparams["lambda"] = method.strength if method.uses_strength else None
     hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})
     hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
+    saved = load_checkpoint(out_dir, device)
+    earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
     console_log = ConsoleLogger(console)
     tb = TensorBoardLogger(out_dir / "tb", len(stream), cfg.log_every)
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        tb.writer.flush()  # the events of finished tasks survive a kill -9, like the checkpoint
+        save_checkpoint(out_dir, {"trainer": state, "wall_time_s": earlier_wall + time.perf_counter() - start})
+
+    trainer = Trainer(
+        model,
+        method,
+        stream,
+        make_optimizer_factory(cfg.optimizer),
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        iterations=cfg.iterations,
+        reset_optimizer=cfg.reset_optimizer,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=cfg.seed,
+        events=Fanout(console_log, tb),
+        checkpoint=checkpoint,
+    )
+    if saved:
+        done = saved["trainer"]["tasks_done"]
+        console_log.console.print(f"resuming {out_dir}: tasks 1–{done} of {len(stream)} finished, continuing")
+    status, message = "ok", None
     try:
-        trainer = Trainer(
-            model,
-            method,
-            stream,
-            make_optimizer_factory(cfg.optimizer),
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            iterations=cfg.iterations,
-            reset_optimizer=cfg.reset_optimizer,
-            eval_batch_size=cfg.eval_batch_size,
-            seed=cfg.seed,
-            events=Fanout(console_log, tb),
-        )
-        res = trainer.run()
+        try:
+            with _termination_as_interrupt():
+                trainer.run(resume=saved["trainer"] if saved else None)
+        except Diverged as e:
+            status, message = "diverged", f"{e}; the run was stopped"
+        except KeyboardInterrupt:
+            task = min(len(trainer.matrix) + 1, len(stream))
+            status = "interrupted"
+            message = f"interrupted during task {task}; run the same command again to resume"
+        matrix, initial = trainer.matrix, trainer.initial
+        undefined = method.undefined_metrics()
+        metrics = all_metrics(matrix, initial) if status == "ok" else dict.fromkeys(METRIC_KEYS)
+        metrics.update(dict.fromkeys(undefined))
         result = {
-            "status": "ok",
-            "error": None,
+            "status": status,
+            "error": message,
             **ident,
             "lambda": hparams["lambda"],
-            **all_metrics(res.matrix, res.initial),
-            "accuracy_matrix": res.matrix,
-            "initial_accuracy": res.initial,
-            "task_names": res.task_names,
-            "steps": res.steps,
-            "wall_time_s": time.perf_counter() - start,
+            **metrics,
+            "metric_notes": undefined or None,
+            "accuracy_matrix": matrix,
+            "initial_accuracy": initial,
+            "task_names": [task.name for task in stream],
+            "tasks_done": len(matrix),
+            "steps": trainer.steps,
+            "wall_time_s": earlier_wall + time.perf_counter() - start,
             "device": str(device),
         }
         write_result_files(out_dir, result)
-        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        tb.final(result, hparams)
+        if status == "ok":
+            tb.final(result, hparams)
+        elif status == "diverged":
+            tb.failed(hparams)
     except BaseException:
         tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
         raise
     finally:
         tb.close()
+    if status != "ok":
+        raise RunStopped(status, message, out_dir)
+    if not cfg.keep_checkpoint:
+        (out_dir / CHECKPOINT).unlink(missing_ok=True)
     console_log.final(result)
     return result
 
@@ -180,17 +305,21 @@ def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | 
     """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
     from cl_runner.loggers import write_result_files
 
-    if (out_dir / "metrics.json").exists():
+    if read_status(out_dir) is not None and read_status(out_dir).get("status") in FINISHED:
         return
     result = {"status": "failed", "error": message, **identity(cfg)}
-    result.update({k: None for k in ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "wall_time_s")})
+    result.update({k: None for k in (*METRIC_KEYS, "wall_time_s")})
     write_result_files(out_dir, result)
     if details:
-        (out_dir / "error.log").write_text(details)
+        write_atomic(out_dir / "error.log", details)
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+#: set by the jobs of a multirun that run in this process (basic launcher), read by main()
+_SWEEP: dict[str, Any] = {}
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
@@ -201,19 +330,47 @@ def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:
+        _SWEEP["dir"] = hc.sweep.dir
+    job = f"job {hc.job.num}" if multirun else "run"
     try:
         run_experiment(cfg, out_dir)
+    except AlreadyFinished as e:
+        if not multirun:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        print(f"{job}: already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
+    except RunStopped as e:
+        print(f"{'error: ' if e.status == 'diverged' else ''}{job}: {e} (results so far: {out_dir})", file=sys.stderr)
+        if e.status == "interrupted":
+            if multirun:
+                raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep
+            sys.exit(EXIT_INTERRUPTED)
+        if not multirun:
+            sys.exit(EXIT_DIVERGED)
+    except KeyboardInterrupt:  # before training started: nothing to keep
+        if multirun:
+            raise
+        print(f"{job}: interrupted before training started", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except USER_ERRORS as e:
         if not multirun:
             print(f"error: {_one_line(e)}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
         record_failure(cfg, out_dir, _one_line(e))
-        print(f"error: job {hc.job.num} failed: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {job} failed: {_one_line(e)}", file=sys.stderr)
+    except OSError as e:  # a full disk, a folder that vanished: a fault, not a bug
+        print(f"error: {job}: cannot write its results in {out_dir}: {_one_line(e)}", file=sys.stderr)
+        if not multirun:
+            sys.exit(EXIT_FAILED)
     except Exception as e:
+        try:
+            record_failure(cfg, out_dir, f"{type(e).__name__}: {_one_line(e)}", traceback.format_exc())
+        except Exception:
+            pass
         if not multirun:
             raise  # a bug, not bad input: keep the traceback
-        record_failure(cfg, out_dir, f"{type(e).__name__}: {_one_line(e)}", traceback.format_exc())
-        print(f"error: job {hc.job.num} failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
+        print(f"error: {job} failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -231,15 +388,98 @@ def config_groups() -> dict[str, list[str]]:
     }
 
 
-def _compose_error(e: Exception) -> str:
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return [prefix[:-1]]
+    keys = []
+    for k in node.keys():
+        keys += _flat_keys(node._get_node(k), f"{prefix}{k}.") if OmegaConf.is_dict(node._get_node(k)) else [f"{prefix}{k}"]
+    return keys
+
+
+def _compose_error(e: Exception, others: list[str]) -> str:
     msg = str(e)
     m = re.search(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
-        return f"unknown key '{key}': it is not in the config (`cl-run --cfg job` lists the keys; +{key}=… adds a new one)"
+        try:  # the keys this command line has (a group choice brings its own keys)
+            with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+                keys = _flat_keys(hydra.compose("config", overrides=others))
+        except Exception:
+            keys = []
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "it is not in the config"
+        return f"unknown key '{key}': {hint} (`cl-run --cfg job` lists the keys)"
     if e.__cause__ is not None:
         msg = f"{msg} ({e.__cause__})"
     return " ".join(msg.replace("Error merging override", "cannot apply").split())
+
+
+def _check_folder(key: str, folder: Path) -> None:
+    """A run or sweep folder must be creatable: probe its nearest existing parent (nothing is left)."""
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent == folder and folder.is_dir():
+        parent = folder
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(parent))
+        os.rmdir(tempfile.mkdtemp(prefix=".cl-run-probe-", dir=parent))
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise UsageError(f"{key}={folder}: cannot create it in {parent}: {reason}; choose another folder") from None
+
+
+def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
+    """An explicit hydra.run.dir: not in use, not finished, and (to resume) made by the same config."""
+    if not folder.exists():
+        return
+    try:
+        check_not_busy(folder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    status = read_status(folder)
+    if status is not None and status.get("status") in FINISHED:
+        raise UsageError(
+            f"hydra.run.dir={folder} already holds finished results (status {status.get('status')}); choose another folder"
+        )
+    if (folder / CONFIG).is_file():
+        try:
+            _claim_config_check(folder, cfg)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def _claim_config_check(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
+    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
+    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
+    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    diffs = config_differences(saved, new)
+    if diffs:
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise ValueError(
+            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
+            "command to resume it, or choose another folder"
+        )
+
+
+def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
+    """An explicit hydra.sweep.dir that holds a sweep can only be resumed by the same sweep."""
+    if not folder.exists():
+        return
+    saved = folder / "multirun.yaml"
+    if saved.is_file():
+        before = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
+        if sorted(map(str, before)) != sorted(overrides):
+            raise UsageError(
+                f"hydra.sweep.dir={folder} holds another sweep ({' '.join(map(str, before))}); run that sweep's "
+                "own command to resume it, or choose another folder"
+            )
+        return
+    finished = sorted(folder.glob("**/metrics.json"))
+    if finished:
+        raise UsageError(f"hydra.sweep.dir={folder} already holds finished results ({finished[0]}); choose another folder")
 
 
 def precheck(argv: list[str]) -> None:
@@ -248,22 +488,21 @@ def precheck(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+    if args.help or args.hydra_help or args.shell_completion:
         return
+    inspect_only = bool(args.cfg or args.info)  # --cfg/--info: the config must still compose
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as e:
         raise UsageError(_one_line(e)) from None
     groups = config_groups()
-    representative, sweep = [], False
+    representative, sweep, folders = [], bool(args.multirun), {}
     for o in overrides:
         key = o.key_or_group
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         sweep = sweep or o.is_sweep_override()
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            finished = sorted(Path(values[0]).glob("**/metrics.json")) if Path(values[0]).exists() else []
-            if finished:
-                raise UsageError(f"{key}={values[0]} already holds finished results ({finished[0]}); choose another folder")
+            folders[key] = Path(values[0])
         if key.startswith("hydra"):
             continue
         if key in groups and not o.is_delete():
@@ -276,12 +515,31 @@ def precheck(argv: list[str]) -> None:
         with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = hydra.compose("config", overrides=representative)
     except Exception as e:
-        raise UsageError(_compose_error(e)) from None
-    if not (sweep or args.multirun):
+        bad = re.search(r"Could not override '([^']+)'", str(e))
+        others = [r for r in representative if not bad or r.lstrip("+~").split("=")[0] != bad.group(1)]
+        raise UsageError(_compose_error(e, others)) from None
+    if inspect_only:
+        return
+    if not sweep:
         try:
             validate(cfg)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if sweep:
+        sweep_dir = folders.get("hydra.sweep.dir")
+        if sweep_dir is not None:
+            _check_folder("hydra.sweep.dir", sweep_dir)
+            task_overrides = [o.input_line for o in overrides if not o.key_or_group.startswith("hydra")]
+            _check_sweep_dir(sweep_dir, task_overrides)
+        else:
+            _check_folder("outputs", Path("outputs") / "sweeps")
+    else:
+        run_dir = folders.get("hydra.run.dir")
+        if run_dir is not None:
+            _check_folder("hydra.run.dir", run_dir)
+            _check_run_dir(run_dir, cfg)
+        else:
+            _check_folder("outputs", Path("outputs") / "runs")
 
 
 def main() -> None:
@@ -289,8 +547,23 @@ def main() -> None:
         precheck(sys.argv[1:])
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    hydra_main()
+        sys.exit(EXIT_USAGE)
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # a sweep stopped by Ctrl-C: its summary still shows what finished
+        sweep_dir = _SWEEP.get("dir")
+        where = ""
+        if sweep_dir:
+            from cl_runner.sweep import summarize
+
+            summarize(sweep_dir, quiet=True)
+            where = f" in {sweep_dir}"
+        print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    from cl_runner import sweep
+
+    if sweep.LAST_STATUS:  # a finished multirun in which some job did not end ok
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

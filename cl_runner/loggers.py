@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cl_runner.methods.base import Method
+from cl_runner.runfiles import METRICS, read_status, write_atomic
 from cl_runner.trainer import TrainerEvents
 
 METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
@@ -30,18 +32,22 @@ def matrix_markdown(matrix: Sequence[Sequence[float]], task_names: Sequence[str]
 
 
 def write_result_files(out_dir: Path, result: dict[str, Any]) -> None:
-    """``accuracy_matrix.csv`` (rows: init, after_task_1…; columns: tasks) and ``metrics.json``."""
+    """``accuracy_matrix.csv`` (rows: init, after_task_1…; columns: tasks), then ``metrics.json``,
+    each written atomically; ``metrics.json`` last, so it never announces files that are not there.
+    A finished result (status ok) is never replaced."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if result.get("accuracy_matrix"):
-        with open(out_dir / "accuracy_matrix.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["after"] + list(result["task_names"]))
-            w.writerow(["init"] + [repr(a) for a in result["initial_accuracy"]])
-            for i, row in enumerate(result["accuracy_matrix"]):
-                w.writerow([f"task_{i + 1}"] + [repr(a) for a in row])
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "metrics.json")  # a reader never sees half a file
+    previous = read_status(out_dir)
+    if previous is not None and previous.get("status") == "ok":
+        raise FileExistsError(f"{out_dir / METRICS} already holds a finished run; it is not replaced")
+    if result.get("accuracy_matrix") or result.get("initial_accuracy"):
+        buffer = io.StringIO()
+        w = csv.writer(buffer)
+        w.writerow(["after"] + list(result["task_names"]))
+        w.writerow(["init"] + [repr(a) for a in result["initial_accuracy"]])
+        for i, row in enumerate(result["accuracy_matrix"]):
+            w.writerow([f"task_{i + 1}"] + [repr(a) for a in row])
+        write_atomic(out_dir / "accuracy_matrix.csv", buffer.getvalue())
+    write_atomic(out_dir / METRICS, json.dumps(result, indent=2))
 
 
 def read_matrix_csv(path: Path) -> tuple[list[float], list[list[float]]]:

@@ -396,6 +396,10 @@ def summarize(sweep_dir: str | Path, console=None, quiet: bool = False) -> list[
     return rows
 
 
+#: 0 when every job of the last multirun summarized in this process ended ok, else 1 (cl-run's exit code)
+LAST_STATUS = 0
+
+
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, summarize ``hydra.sweep.dir`` from the files on
     disk (works for any launcher). Never raises: a broken summary must not hide the results."""
@@ -406,7 +410,9 @@ class SummaryCallback(Callback):
             if not sweep_dir.is_dir():
                 print(f"summary: sweep directory {sweep_dir} does not exist; nothing to summarize", file=sys.stderr)
                 return
-            summarize(sweep_dir)
+            rows = summarize(sweep_dir)
+            global LAST_STATUS
+            LAST_STATUS = 0 if all(r["status"] == "ok" for r in rows) else 1
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
             print(f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
 

@@ -24,9 +24,14 @@ def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torc
     name = cfg.get("name")
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
-    lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0) or 0.0)
-    if lr <= 0:
-        raise ValueError(f"optimizer.lr must be > 0, got {lr}")
+    try:
+        lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"optimizer.lr and optimizer.weight_decay must be numbers, got {cfg['lr']!r}") from None
+    if not lr > 0 or not math.isfinite(lr):  # also refuses nan
+        raise ValueError(f"optimizer.lr must be > 0 and finite, got {lr}")
+    if not wd >= 0 or not math.isfinite(wd):
+        raise ValueError(f"optimizer.weight_decay must be >= 0 and finite, got {wd}")
     if name == "adam":
         betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
         return lambda m: torch.optim.Adam(m.parameters(), lr=lr, betas=betas, weight_decay=wd)
@@ -70,6 +75,15 @@ class TrainerEvents:
     def consolidated(self, t: int, method: Method) -> None: ...
 
 
+class Diverged(RuntimeError):
+    """A non-finite training loss, penalty or importance: the run is stopped, not saved as a result."""
+
+    def __init__(self, task: int, step: int | None, what: str):
+        self.task, self.step, self.what = task, step, what
+        where = f"task {task + 1}" + ("" if step is None else f", step {step}")
+        super().__init__(f"diverged: non-finite {what} in {where}")
+
+
 @dataclass
 class TrainResult:
     matrix: list[list[float]]
@@ -79,6 +93,14 @@ class TrainResult:
 
 
 class Trainer:
+    """Trains task after task. ``matrix``/``initial``/``steps`` hold the rows finished so far, also
+    after an exception (divergence, interruption), so the caller can keep them.
+
+    ``checkpoint`` (optional) is called with :meth:`state_dict` after every finished task;
+    :meth:`run` with ``resume=`` such a state continues after its last task and ends with the same
+    matrix as an uninterrupted run (every random generator is part of the state).
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -94,14 +116,21 @@ class Trainer:
         seed: int = 0,
         events: TrainerEvents | None = None,
         progress_every: int = 50,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.model, self.method, self.stream = model, method, stream
         self.make_optimizer = optimizer
         self.batch_size, self.epochs, self.iterations = batch_size, epochs, iterations
         self.reset_optimizer, self.eval_batch_size = reset_optimizer, eval_batch_size
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.events = events or TrainerEvents()
         self.progress_every = progress_every
+        self.checkpoint = checkpoint
+        self.matrix: list[list[float]] = []
+        self.initial: list[float] = []
+        self.steps = 0
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def steps_for(self, n: int) -> int:
         if n == 0:
@@ -110,30 +139,80 @@ class Trainer:
             return int(self.iterations)
         return int(self.epochs) * math.ceil(n / self.batch_size)
 
-    def run(self) -> TrainResult:
+    # ------------------------------------------------------------------ state (checkpoint / resume)
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the rest of the run, at a task boundary."""
+        return {
+            "tasks_done": len(self.matrix),
+            "matrix": [list(r) for r in self.matrix],
+            "initial": list(self.initial),
+            "steps": self.steps,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "method": self.method.state_dict(),
+            "batch_rng": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.generator.set_state(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.matrix = [list(r) for r in state["matrix"]]
+        self.initial = list(state["initial"])
+        self.steps = int(state["steps"])
+        return int(state["tasks_done"])
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: Mapping[str, Any] | None = None) -> TrainResult:
         model, method, stream, ev = self.model, self.method, self.stream, self.events
         device = next(model.parameters()).device
-        method.setup(model, stream)
-        optimizer = self.make_optimizer(model)
-        initial = evaluate(model, stream, -1, self.eval_batch_size)
-        ev.evaluated(-1, initial)
-        matrix, global_step = [], 0
-        for t, task in enumerate(stream):
+        method.setup(model, stream, seed=self.seed)
+        self.optimizer = self.make_optimizer(model)
+        first = 0
+        if resume is not None:
+            first = self._load_state(resume)
+        else:
+            self.initial = evaluate(model, stream, -1, self.eval_batch_size)
+            ev.evaluated(-1, self.initial)
+        for t in range(first, len(stream)):
+            task = stream[t]
             if self.reset_optimizer and t > 0:
-                optimizer = self.make_optimizer(model)
+                self.optimizer = self.make_optimizer(model)
             method.before_task(model, task)
             data = method.training_data(stream, t)
             n_steps = self.steps_for(len(data))
             ev.task_start(t, task.name, n_steps)
-            losses, penalties = self._train_task(data, optimizer, n_steps, device, t)
-            ev.task_end(t, global_step, losses, penalties)
-            global_step += n_steps
+            losses, penalties = self._train_task(data, self.optimizer, n_steps, device, t)
+            ev.task_end(t, self.steps, losses, penalties)
+            self.steps += n_steps
             method.after_task(model, task)
+            self._check_after_task(t)
             ev.consolidated(t, method)
             row = evaluate(model, stream, t, self.eval_batch_size)
-            matrix.append(row)
+            self.matrix.append(row)
             ev.evaluated(t, row)
-        return TrainResult(matrix, initial, global_step, [task.name for task in stream])
+            if self.checkpoint is not None:
+                self.checkpoint(self.state_dict())
+        return TrainResult(self.matrix, self.initial, self.steps, [task.name for task in stream])
+
+    def _check_after_task(self, t: int) -> None:
+        """Cheap guards after an importance pass (one host sync per task)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if {id(p) for p in self.model.parameters()} != held:
+            raise RuntimeError(
+                f"after task {t + 1}, method {self.method.name} left the model with parameters the optimizer "
+                "does not hold (they would no longer be trained); an importance pass must restore them"
+            )
+        importance = self.method.importance()
+        if importance and not bool(torch.stack([torch.isfinite(v).all() for v in importance.values()]).all()):
+            raise Diverged(t, None, "importance")
 
     def _train_task(
         self, data: TrainingData, optimizer: torch.optim.Optimizer, n_steps: int, device: torch.device, t: int
@@ -143,7 +222,7 @@ class Trainer:
         penalties = torch.zeros(n_steps, device=device)
         strength = method.strength
         model.train()
-        step = 0
+        step, checked = 0, 0
         while step < n_steps:
             for idx in batch_indices(len(data), self.batch_size, self.generator, device):
                 su = None if data.sample_units is None else data.sample_units[idx]
@@ -160,7 +239,17 @@ class Trainer:
                 losses[step] = loss.detach()
                 step += 1
                 if step % self.progress_every == 0 or step == n_steps:
+                    # the host syncs here anyway (progress); check the steps since the last check
+                    self._check_finite(losses, penalties, checked, step, t)
+                    checked = step
                     self.events.progress(t, step, float(losses[step - 1]))
                 if step >= n_steps:
                     break
         return losses.tolist(), penalties.tolist()
+
+    def _check_finite(self, losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:
+        finite = torch.isfinite(torch.stack([losses[lo:hi], penalties[lo:hi]]))
+        if bool(finite.all()):
+            return
+        first = int((~finite.all(0)).nonzero()[0])  # the earliest step with a non-finite value
+        raise Diverged(t, lo + first + 1, "training loss" if not finite[0, first] else "penalty")

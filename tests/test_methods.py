@@ -155,7 +155,7 @@ def test_fisher_equals_brute_force_loop(labels, path, path_taken):
             lab = torch.stack([model(x[i : i + 1])[0, lo : task.units[1]].argmax() for i in range(len(x))])
     else:  # sample: the same draws (same seeded generator); "all" ignores labels
         with eval_mode(model):
-            lab = fisher_labels(model, x, y, task.units, "sample", task_generator(task.id))
+            lab = fisher_labels(model, x, y, task.units, "sample", task_generator(0, task.id))
     expected = brute_fisher(model, x, lab, task.units, exact=labels == "all")
     assert_dicts_close(ewc.importance(), expected)
     # outputs outside the task's units get no Fisher
@@ -169,11 +169,11 @@ def test_fisher_labels_differ_and_chunking_is_irrelevant():
     model, task = make_model(), make_task()
     with eval_mode(model):
         ref = {lab: fisher_diagonal(model, task.x_train, task.y_train, task.units, lab, batch=1000,
-                                    generator=task_generator(0)) for lab in FISHER_LABELS}
+                                    generator=task_generator(0, 0)) for lab in FISHER_LABELS}
         for batch in (1, 3):
             for lab in FISHER_LABELS:
                 got = fisher_diagonal(model, task.x_train, task.y_train, task.units, lab, batch=batch,
-                                      generator=task_generator(0))
+                                      generator=task_generator(0, 0))
                 assert_dicts_close(got, ref[lab])
     # the modes are genuinely different estimators on this model
     w = {lab: ref[lab]["body.1.weight"] for lab in FISHER_LABELS}
@@ -203,7 +203,7 @@ def test_fisher_samples_uses_a_seeded_subset():
     for m in (a, b, full):
         m.after_task(model, task)
     assert_dicts_close(a.importance(), b.importance(), rtol=0, atol=0)  # deterministic
-    idx = torch.randperm(40, generator=task_generator(task.id))[:9]
+    idx = torch.randperm(40, generator=task_generator(0, task.id))[:9]
     with eval_mode(model), torch.no_grad():
         lab = model(task.x_train[idx])[:, 2:5].argmax(1)
     assert_dicts_close(a.importance(), brute_fisher(model, task.x_train[idx], lab, task.units))

@@ -231,10 +231,10 @@ def test_slurm_launcher_preset_composes():
 
 
 # ----------------------------------------------------------------------------- real sweeps
-def _cl_run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _cl_run(*args: str, timeout: int = 240, code: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     res = subprocess.run([*CL_RUN, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == code, res.stdout[-2000:] + res.stderr[-3000:]
     return res
 
 
@@ -286,8 +286,9 @@ def test_failed_job_is_a_failed_row_under_joblib(tmp_path):
     _needs("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher")
     out = tmp_path / "sweep"
     fast = [a for a in FAST if not a.startswith("epochs")]
+    # a sweep in which a job failed exits 1, after writing its summary
     _cl_run("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=finetune", "epochs=1,0", *fast,
-            f"hydra.sweep.dir={out}")
+            f"hydra.sweep.dir={out}", code=1)
     table = _read_csv(out / "summary.csv")
     assert [(t["num"], t["status"]) for t in table] == [("0", "ok"), ("1", "failed")]
     assert "epochs" in table[1]["error"] and table[1]["acc"] == ""

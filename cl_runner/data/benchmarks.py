@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cl_runner.data import transforms as T
-from cl_runner.data.datasets import RawDataset, load_dataset
+from cl_runner.data.datasets import SHAPES, RawDataset, load_dataset
 from cl_runner.data.stream import Task, TaskStream, assign_units, label_to_unit
 
 KINDS = ("split", "permuted", "rotated", "sequence")
@@ -68,6 +68,19 @@ def check_benchmark(cfg: Mapping[str, Any], scenario: str) -> str:
             f"choose one of: {', '.join(fits)}"
         )
     return kind
+
+
+def input_shape(cfg: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The model's input shape (C, H, W) for a benchmark, from the datasets' registered shapes and
+    ``pad``, without reading any file (so a model that does not fit is refused before a run)."""
+    kind = _get(cfg, "kind", "split")
+    names = list(_get(cfg, "datasets", [])) if kind == "sequence" else [_get(cfg, "dataset", "digits")]
+    for name in names:
+        if name not in SHAPES:
+            raise ValueError(f"benchmark dataset {name!r} is unknown; choose one of: {', '.join(sorted(SHAPES))}")
+    c, h, w = SHAPES[names[0]] if names else (1, 1, 1)
+    size = int(_get(cfg, "pad", 0))
+    return (c, size, size) if size > max(h, w) else (c, h, w)
 
 
 def build_stream(

@@ -26,11 +26,13 @@ class RawDataset:
 
 Loader = Callable[..., RawDataset]
 LOADERS: dict[str, Loader] = {}
+#: image shape (C, H, W) of each dataset, known without reading it (checks before a run starts)
+SHAPES: dict[str, tuple[int, int, int]] = {}
 
 
-def register(name: str) -> Callable[[Loader], Loader]:
+def register(name: str, shape: tuple[int, int, int]) -> Callable[[Loader], Loader]:
     def wrap(fn: Loader) -> Loader:
-        LOADERS[name] = fn
+        LOADERS[name], SHAPES[name] = fn, tuple(shape)
         return fn
 
     return wrap
@@ -42,7 +44,7 @@ def load_dataset(name: str, data_dir: str, download: bool, seed: int) -> RawData
     return LOADERS[name](data_dir=data_dir, download=download, seed=seed)
 
 
-@register("digits")
+@register("digits", shape=(1, 8, 8))
 def load_digits(data_dir: str, download: bool, seed: int, test_fraction: float = 0.3) -> RawDataset:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download). The test split
     holds ``test_fraction`` of each class, drawn with a generator seeded by ``seed``."""

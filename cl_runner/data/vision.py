@@ -37,18 +37,19 @@ from cl_runner.data.datasets import DatasetUnavailable, RawDataset, register
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-# dataset name -> (torchvision class name, sub-folder of data_dir, expected files, n_classes)
-SPECS: dict[str, tuple[str, str, tuple[str, ...], int]] = {
-    "mnist": ("MNIST", os.path.join("MNIST", "raw"), MNIST_FILES, 10),
-    "fashion_mnist": ("FashionMNIST", os.path.join("FashionMNIST", "raw"), MNIST_FILES, 10),
-    "kmnist": ("KMNIST", os.path.join("KMNIST", "raw"), MNIST_FILES, 10),
+# dataset name -> (torchvision class name, sub-folder of data_dir, expected files, n_classes, image shape)
+SPECS: dict[str, tuple[str, str, tuple[str, ...], int, tuple[int, int, int]]] = {
+    "mnist": ("MNIST", os.path.join("MNIST", "raw"), MNIST_FILES, 10, (1, 28, 28)),
+    "fashion_mnist": ("FashionMNIST", os.path.join("FashionMNIST", "raw"), MNIST_FILES, 10, (1, 28, 28)),
+    "kmnist": ("KMNIST", os.path.join("KMNIST", "raw"), MNIST_FILES, 10, (1, 28, 28)),
     "cifar10": (
         "CIFAR10",
         "cifar-10-batches-py",
         tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
         10,
+        (3, 32, 32),
     ),
-    "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), 100),
+    "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), 100, (3, 32, 32)),
 }
 
 
@@ -58,7 +59,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unavailable(name: str, data_dir: str, download: bool, reason: str) -> DatasetUnavailable:
-    _, sub, files, _ = SPECS[name]
+    _, sub, files, _, _ = SPECS[name]
     folder = os.path.join(os.path.abspath(os.path.expanduser(str(data_dir))), sub)
     top = sub.split(os.sep)[0]
     hint = (
@@ -78,6 +79,9 @@ def _open(name: str, data_dir: str, download: bool, train: bool) -> Any:
     try:
         return cls(root=root, train=train, download=bool(download))
     except OSError as e:  # URLError, socket timeouts, read-only data_dir while downloading
+        if e.filename and os.path.exists(e.filename):  # the file is there but cannot be read
+            reason = (e.strerror or _first_line(e)).lower()
+            raise DatasetUnavailable(f"{name}: cannot read {e.filename}: {reason}") from None
         raise _unavailable(name, data_dir, download, _first_line(e)) from None
     except Exception as e:
         reason = _first_line(e).rstrip(":")
@@ -115,7 +119,7 @@ def _make_loader(name: str) -> None:
 
     loader.__name__ = f"load_{name}"
     loader.__doc__ = f"{SPECS[name][0]} through torchvision (files: <data_dir>/{SPECS[name][1]}/)."
-    register(name)(loader)
+    register(name, shape=SPECS[name][4])(loader)
 
 
 for _name in SPECS:

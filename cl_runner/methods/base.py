@@ -1,6 +1,6 @@
 """The method interface: what a continual-learning method may do to the training of a task stream.
 
-The trainer calls, for every task t of the stream::
+The trainer calls, once, ``method.setup(model, stream, seed)``, then for every task t::
 
     method.before_task(model, task)
     data = method.training_data(stream, t)          # what to train on (joint: the union of tasks)
@@ -14,15 +14,19 @@ The trainer calls, for every task t of the stream::
     method.after_task(model, task)                  # importance, anchors
 
 ``strength`` is the run's λ (top-level ``lambda``). A method's importance pass must run in eval
-mode and leave parameters, buffers, training mode, gradients and the global RNG as it found them
-(use :func:`eval_mode` and a local ``torch.Generator``).
+mode and leave parameters (the same objects), buffers, training mode, gradients and the global RNG
+as it found them (use :func:`eval_mode` and a generator from ``self.seed`` and the task id).
+
+Checkpoints: between tasks the trainer saves :meth:`Method.state_dict` (by default every attribute
+but the stream) and a resumed run restores it with :meth:`Method.load_state_dict`; a method whose
+state is not in its attributes overrides both.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +57,24 @@ class Method:
 
     def __init__(self, strength: float = 0.0):
         self.strength = float(strength)
+        self.seed = 0  # the run's seed, set by setup()
 
-    def setup(self, model: nn.Module, stream: TaskStream) -> None:
-        """Called once before the first task."""
+    def setup(self, model: nn.Module, stream: TaskStream, seed: int = 0) -> None:
+        """Called once before the first task (and again, before loading a checkpoint, on resume).
+        ``seed`` is the run's seed: importance passes draw from generators seeded by (seed, task)."""
         self.stream = stream
+        self.seed = int(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the method between tasks (tensors and plain values)."""
+        return {k: v for k, v in vars(self).items() if k != "stream"}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        vars(self).update(state)
+
+    def undefined_metrics(self) -> dict[str, str]:
+        """Metrics that mean nothing for this method's matrix, each with the reason (reported as null)."""
+        return {}
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         pass
@@ -96,14 +114,21 @@ class Method:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for an importance pass; restores each module's own training flag afterwards."""
+    """Eval mode for an importance pass; afterwards restores each module's own training flag and
+    the very ``nn.Parameter`` objects it held (the optimizer holds those: a pass through
+    ``torch.func.functional_call`` that leaves a plain tensor behind would silently stop training
+    that layer)."""
     modes = [m.training for m in model.modules()]
+    held = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
     model.eval()
     try:
         yield model
     finally:
         for m, mode in zip(model.modules(), modes):
             m.training = mode
+        for m, name, p in held:
+            if m._parameters.get(name) is not p:
+                m._parameters[name] = p
 
 
 def named_params(model: nn.Module) -> dict[str, Tensor]:

@@ -50,7 +50,7 @@ class EWC(QuadraticPenalty):
 
     def fisher(self, model: nn.Module, task: Task) -> dict[str, Tensor]:
         """Diagonal Fisher of ``task`` at the model's current parameters (eval mode, state kept)."""
-        g = task_generator(task.id)
+        g = task_generator(self.seed, task.id)
         x, y = task.x_train, task.y_train
         idx = choose_subset(len(x), self.fisher_samples, g)
         if idx is not None:

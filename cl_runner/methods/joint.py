@@ -30,6 +30,12 @@ class Joint(Method):
         super().__init__(strength)
         self.mode = check_choice("mode", mode, MODES)
 
+    def undefined_metrics(self) -> dict[str, str]:
+        if self.mode != "all":
+            return {}
+        reason = "method=joint mode=all trains only at the last task: earlier rows are the untrained model"
+        return {k: reason for k in ("bwt", "fwt", "forgetting", "learning_accuracy")}
+
     def training_data(self, stream: TaskStream, t: int) -> TrainingData:
         task = stream[t]
         if self.mode == "all" and t < len(stream) - 1:

@@ -50,7 +50,7 @@ class MAS(QuadraticPenalty):
     def task_importance(self, model: nn.Module, task: Task) -> dict[str, Tensor]:
         """Ω_t of ``task`` at the model's current parameters (eval mode, state kept)."""
         x = task.x_train
-        idx = choose_subset(len(x), self.mas_samples, task_generator(task.id))
+        idx = choose_subset(len(x), self.mas_samples, task_generator(self.seed, task.id))
         if idx is not None:
             x = x[idx.to(x.device)]
         with eval_mode(model):

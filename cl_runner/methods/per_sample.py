@@ -282,7 +282,8 @@ def mas_importance(
     return {n: v / n_batches for n, v in imp.items()}
 
 
-def task_generator(task_id: int) -> torch.Generator:
+def task_generator(seed: int, task_id: int) -> torch.Generator:
     """CPU generator for a task's random choices in an importance pass (subset, sampled labels):
-    seeded from the task id alone, so a pass is reproducible and leaves the global RNG alone."""
-    return torch.Generator().manual_seed(104729 + int(task_id))
+    seeded from the run's seed and the task id, so a pass is reproducible, differs between run
+    seeds (their spread includes it), and leaves the global RNG alone."""
+    return torch.Generator().manual_seed((104729 + int(task_id)) * 1_000_003 + int(seed) % 2**31)

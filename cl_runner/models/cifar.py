@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cl_runner.models.checks import widths
+
 
 class ConvNet(nn.Module):
     def __init__(
@@ -31,7 +33,7 @@ class ConvNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = int(input_shape[0])
-        for i, ch in enumerate(channels):
+        for i, ch in enumerate(widths("channels", channels)):
             # the first layer keeps the resolution; each later one halves it
             layers.append(nn.Conv2d(in_ch, int(ch), 3, stride=1 if i == 0 else 2, padding=1, bias=not batch_norm))
             if batch_norm:
@@ -44,7 +46,7 @@ class ConvNet(nn.Module):
             width = features.eval()(torch.zeros(1, *input_shape)).shape[1]
         features.train()
         fcs: list[nn.Module] = []
-        for h in fc:
+        for h in widths("fc", fc):
             fcs += [nn.Linear(width, int(h)), nn.ReLU()]
             width = int(h)
         self.body = nn.Sequential(features, *fcs)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cl_runner.models.checks import widths
+
 
 class SmallCNN(nn.Module):
     def __init__(
@@ -20,21 +22,23 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = input_shape[0]
-        for ch in channels:
+        for ch in widths("channels", channels):
             layers.append(nn.Conv2d(in_ch, int(ch), int(kernel_size), padding=0))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(int(ch)))
             layers += [nn.ReLU(), nn.MaxPool2d(2)]
             in_ch = int(ch)
         layers.append(nn.Flatten())
-        self.features = nn.Sequential(*layers)
-        with torch.no_grad():
-            width = self.features(torch.zeros(1, *input_shape)).shape[1]
+        # registered once (inside body): a module under two names breaks functional_call's restore
+        features = nn.Sequential(*layers)
+        with torch.no_grad():  # eval mode: the probe must not touch batch-norm running statistics
+            width = features.eval()(torch.zeros(1, *input_shape)).shape[1]
+        features.train()
         fcs: list[nn.Module] = []
-        for h in fc:
+        for h in widths("fc", fc):
             fcs += [nn.Linear(width, int(h)), nn.ReLU()]
             width = int(h)
-        self.body = nn.Sequential(self.features, *fcs)
+        self.body = nn.Sequential(features, *fcs)
         self.head = nn.Linear(width, n_outputs)
 
     def forward(self, x: Tensor) -> Tensor:

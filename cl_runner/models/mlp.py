@@ -6,6 +6,8 @@ import math
 
 from torch import Tensor, nn
 
+from cl_runner.models.checks import widths
+
 
 class MLP(nn.Module):
     """``in → hidden[0] → … → hidden[-1] → n_outputs`` with ReLU, optional batch norm and dropout.
@@ -25,7 +27,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
-        for h in hidden:
+        for h in widths("hidden", hidden):
             layers.append(nn.Linear(width, int(h)))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(int(h)))
