@@ -93,6 +93,54 @@ def partitions() -> list[str]:
     return sorted({p.strip() for p in out.split() if p.strip()})
 
 
+# ----------------------------------------------------------------------------- in the job
+class TimeLimitReached(KeyboardInterrupt):
+    """Raised inside a run when submitit will not requeue it any more (out of requeues): the run
+    stops like on Ctrl-C, saving its finished tasks."""
+
+
+#: what stopped this job process, set by :func:`job_signals`' handlers: None, "requeue", "timeout"
+#: or "signal". Module state here, not in the plugin module: Hydra's plugin scan executes that
+#: module a second time, and the requeued job's pickle would then carry a copy of it.
+STOP: dict[str, Any] = {"why": None}
+
+
+def job_signals() -> None:
+    """In a Slurm job run by submitit: SIGUSR2 (``--signal=USR2@signal_delay_s``: time limit near,
+    or preemption) goes to submitit's handler, which checkpoints the job callable and requeues it
+    (``scontrol requeue`` + exit); when submitit refuses (out of requeues) the run is interrupted
+    with :class:`TimeLimitReached` instead. SIGTERM (scancel, preemption, the time limit itself)
+    interrupts the run (KeyboardInterrupt), unless a requeue is under way."""
+    import signal
+
+    import submitit
+    from submitit.core.utils import UncompletedJobError
+
+    usr = submitit.JobEnvironment._usr_sig()
+    submitit_handler = signal.getsignal(usr)
+
+    def on_usr(signum, frame):
+        if STOP["why"]:
+            return
+        STOP["why"] = "requeue"
+        try:
+            if callable(submitit_handler):
+                submitit_handler(signum, frame)  # checkpoint → scontrol requeue → SystemExit
+            raise UncompletedJobError("not run by submitit's job environment")
+        except UncompletedJobError as e:
+            STOP.update(why="timeout", message=str(e))
+            raise TimeLimitReached(str(e)) from None
+
+    def on_term(signum, frame):
+        if STOP["why"]:  # a requeue is under way (scontrol requeue signals the job too)
+            return
+        STOP["why"] = "signal"
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(usr, on_usr)
+    signal.signal(signal.SIGTERM, on_term)
+
+
 # ----------------------------------------------------------------------------- outcomes
 def outcome(state: str | None, recorded: str | None) -> str | None:
     """The status to record for a job that ended with Slurm ``state`` (sacct, e.g. ``CANCELLED by 0``)
@@ -105,7 +153,7 @@ def outcome(state: str | None, recorded: str | None) -> str | None:
     """
     if recorded in RUN_STATUSES or recorded in LAUNCHER_STATUSES:
         return None
-    word = (state or "UNKNOWN").split()[0].upper()
+    word = first_word(state)
     if word == "CANCELLED":
         return "cancelled"
     if word in ("TIMEOUT", "DEADLINE"):
@@ -171,22 +219,37 @@ def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[s
     return result
 
 
+def finished_tasks(out_dir: Path) -> int | None:
+    """How many tasks the job finished and saved (metrics.json's tasks_done, else checkpoint.pt's)."""
+    data = read_metrics(out_dir)
+    if data is not None and data.get("tasks_done") is not None:
+        return int(data["tasks_done"])
+    return _checkpoint_rows(out_dir).get("tasks_done")
+
+
 def outcome_message(status: str, job_id: str, state: str | None, params: Mapping[str, Any], tasks_done: int | None,
-                    log: str | None = None) -> str:
+                    started: bool = True, log: str | None = None) -> str:
     """The ``error`` text of a status the launcher records."""
-    done = "" if tasks_done is None else f"; {tasks_done} task(s) finished and kept"
+    kept = "no task had finished" if not tasks_done else f"{tasks_done} finished task(s) kept"
     if status == "cancelled":
-        return f"Slurm job {job_id} was cancelled ({state}){done or ' before it started'}; run the sweep's command again to run it"
+        if not started:
+            return f"Slurm job {job_id} was cancelled while pending; run the sweep's command again to run it"
+        return f"Slurm job {job_id} was cancelled while running ({state}); {kept}; run the sweep's command again to resume"
     if status == "timeout":
         return (
-            f"Slurm job {job_id} reached its time limit (hydra.launcher.timeout_min={params.get('timeout_min')}, "
-            f"requeued at most hydra.launcher.max_num_timeout={params.get('max_num_timeout')} times){done}; "
-            "raise either, or run the sweep's command again to resume"
+            f"Slurm job {job_id} reached its time limit (hydra.launcher.timeout_min={params.get('timeout_min')}) "
+            f"after {params.get('max_num_timeout')} requeue(s) (hydra.launcher.max_num_timeout); {kept}; raise either, "
+            "or run the sweep's command again to resume"
         )
     why = f"Slurm state {state}" if state else "unknown Slurm state"
-    if state and state.split()[0].upper() == "OUT_OF_MEMORY":
+    if first_word(state) == "OUT_OF_MEMORY":
         why += f" (raise hydra.launcher.mem_gb={params.get('mem_gb')})"
     return f"Slurm job {job_id} ended without results: {why}" + (f"; see {log}" if log else "")
+
+
+def first_word(state: str | None) -> str:
+    """"CANCELLED by 0" → "CANCELLED"."""
+    return (state or "").split(" ")[0].upper()
 
 
 # ----------------------------------------------------------------------------- names, resources

@@ -105,6 +105,9 @@ SlurmctldHost=$HOST
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire seconds before it may start again (default 120): 30 keeps the
+# requeue test short
+AuthInfo=cred_expire=30
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -141,8 +144,8 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 
     [ -f "$STATE/slurmdbd.pid" ] && kill -0 "$(cat "$STATE/slurmdbd.pid")" 2>/dev/null || /usr/sbin/slurmdbd || fail "slurmdbd did not start"
-    for _ in $(seq 30); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
-    sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw testcluster || sacctmgr -i add cluster testcluster >/dev/null \
+    for _ in $(seq 120); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
+    sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qw testcluster || sacctmgr -i add cluster testcluster >/dev/null \
         || fail "sacctmgr could not register the cluster"
     [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null || /usr/sbin/slurmctld || fail "slurmctld did not start"
     [ -f "$STATE/slurmd.pid" ] && kill -0 "$(cat "$STATE/slurmd.pid")" 2>/dev/null || /usr/sbin/slurmd || fail "slurmd did not start"

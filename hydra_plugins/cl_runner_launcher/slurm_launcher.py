@@ -26,8 +26,6 @@ In each job (:meth:`ClRunnerSlurmLauncher.__call__`, run by submitit on the node
 import contextlib
 import io
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +36,8 @@ from typing import Any, Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
+
+from cl_runner.slurm import first_word
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +50,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 #: Slurm states in which a job may still run (sacct), as submitit counts them
 _LIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED",
          "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}
-
-
-class TimeLimitReached(KeyboardInterrupt):
-    """Raised inside a run when submitit will not requeue it any more (out of requeues)."""
-
-
-#: what stopped this job process (set by the job's signal handlers): None, "requeue", "timeout", "signal"
-_STOP: dict[str, Any] = {"why": None}
-
-
-def _job_signals() -> None:
-    """In a job: wrap submitit's USR2 handler, interrupt the run on SIGTERM (see module docstring)."""
-    import submitit
-
-    usr = submitit.JobEnvironment._usr_sig()
-    submitit_handler = signal.getsignal(usr)
-
-    def on_usr(signum, frame):
-        if _STOP["why"]:
-            return
-        _STOP["why"] = "requeue"
-        try:
-            if callable(submitit_handler):
-                submitit_handler(signum, frame)  # checkpoint → scontrol requeue → SystemExit
-            raise submitit.core.utils.UncompletedJobError("not run by submitit's job environment")
-        except submitit.core.utils.UncompletedJobError as e:
-            _STOP.update(why="timeout", message=str(e))
-            raise TimeLimitReached(str(e)) from None
-
-    def on_term(signum, frame):
-        if _STOP["why"]:  # a requeue is under way (scontrol requeue signals the job too)
-            return
-        _STOP["why"] = "signal"
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(usr, on_usr)
-    signal.signal(signal.SIGTERM, on_term)
-
-
-def _word(state: str | None) -> str:
-    """"CANCELLED by 0" → "CANCELLED"."""
-    return (state or "").split(" ")[0].upper()
 
 
 def _sacct(array_id: str) -> dict[str, str]:
@@ -157,24 +115,26 @@ if SlurmLauncher is not None:
 
         # ------------------------------------------------------------------ in the job
         def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> JobReturn:
-            _job_signals()
-            if self.params.get("name") == "cl-run":
-                import submitit
+            import submitit
 
+            from cl_runner import slurm
+
+            slurm.job_signals()
+            if self.params.get("name") == "cl-run":
                 name = _job_name(sweep_overrides, self.config)
                 subprocess.run(["scontrol", "update", f"JobId={submitit.JobEnvironment().job_id}", f"JobName={name}"],
                                capture_output=True, timeout=30, check=False)
             try:
                 return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
             except KeyboardInterrupt:
-                if _STOP["why"] != "timeout":
+                if slurm.STOP["why"] != "timeout":
                     print(f"cl-run: job {job_num} stopped by a signal; finished tasks are kept", file=sys.stderr)
                     raise SystemExit(143) from None
-                from cl_runner.slurm import outcome_message, read_metrics, record_outcome
+                from cl_runner.slurm import finished_tasks, outcome_message, record_outcome
 
                 cfg, out_dir = self._job_config(sweep_overrides, job_num)
-                done = (read_metrics(out_dir) or {}).get("tasks_done")
-                message = outcome_message("timeout", os.environ.get("SLURM_JOB_ID", "?"), "TIMEOUT", self.params, done)
+                jid = submitit.JobEnvironment().job_id
+                message = outcome_message("timeout", jid, "TIMEOUT", self.params, finished_tasks(out_dir))
                 record_outcome(out_dir, cfg, "timeout", message)
                 print(f"cl-run: job {job_num}: {message}", file=sys.stderr)
                 raise SystemExit(1) from None
@@ -262,7 +222,7 @@ if SlurmLauncher is not None:
                               file=sys.stderr, flush=True)
                 count: dict[str, int] = {}
                 for i in ids:
-                    word = _word(queue[i][0] if i in queue else states.get(i, "ended")).lower()
+                    word = first_word(queue[i][0] if i in queue else states.get(i, "ended")).lower()
                     count[word] = count.get(word, 0) + 1
                 now = ", ".join(f"{n} {w}" for w, n in sorted(count.items()))
                 if now != last:
@@ -270,7 +230,7 @@ if SlurmLauncher is not None:
                     last = now
                 time.sleep(self.poll_s)
             for _ in range(15):  # accounting may lag behind the queue by a few seconds
-                if all(_word(states.get(i)) not in _LIVE for i in ids if i not in live):
+                if all(first_word(states.get(i)) not in _LIVE for i in ids if i not in live):
                     break
                 time.sleep(2)
                 states = _sacct(array_id)
@@ -281,15 +241,14 @@ if SlurmLauncher is not None:
             from cl_runner import slurm
 
             for job, (cfg, out_dir) in zip(jobs, jobs_cfg):
-                if job.job_id not in states or _word(states[job.job_id]) in _LIVE:
+                if job.job_id not in states or first_word(states[job.job_id]) in _LIVE:
                     continue  # still in the queue (Ctrl-C and a slow scancel) or not yet in the accounts
                 state = states[job.job_id]
-                recorded = (slurm.read_metrics(out_dir) or {}).get("status")
-                status = slurm.outcome(state, recorded)
+                status = slurm.outcome(state, (slurm.read_metrics(out_dir) or {}).get("status"))
                 if status is None:
                     continue  # the run wrote a final status itself
-                done = (slurm.read_metrics(out_dir) or {}).get("tasks_done") if recorded else None
-                message = slurm.outcome_message(status, job.job_id, state, params, done, str(job.paths.stderr))
+                message = slurm.outcome_message(status, job.job_id, state, params, slurm.finished_tasks(out_dir),
+                                                started=out_dir.is_dir(), log=str(job.paths.stderr))
                 try:
                     slurm.record_outcome(out_dir, cfg, status, message)
                     if not (out_dir / ".hydra" / "overrides.yaml").is_file():  # never started: Hydra wrote nothing
