@@ -368,48 +368,60 @@ def _squeue(array: str) -> list[list[str]]:
     return [ln.split("|") for ln in out.stdout.splitlines()]
 
 
-# 20 tasks × 4000 steps: more than one 1-minute attempt can do (≈ 1 min of training on an idle core),
-# and each task short enough that every attempt finishes some
-LONG = ["benchmark=permuted_digits", "benchmark.n_tasks=20", "iterations=4000", "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=5"]
+LIMIT = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"]
+# requeued job: 5 short tasks (a few seconds each)
+SHORT = ["iterations=2000"]
+# timeout job: 30 tasks of 2000 steps, more than a 1-minute attempt can train, each task short enough
+# that the attempt finishes some
+LONG = ["benchmark=permuted_digits", "benchmark.n_tasks=30", "iterations=2000"]
 
 
 @pytest.mark.slurm
 @cluster
 def test_time_limit_requeue_resumes_and_out_of_requeues_is_timeout(tmp_path):
-    """Two sweeps of the same 1-minute-limited job side by side: with requeues allowed it is requeued
-    (USR2 before the limit → checkpoint → requeue), resumes from its last finished task and ends ok
-    with the very matrix of an uninterrupted run; with none allowed it is a timeout row with the
-    tasks it finished."""
+    """Two 1-minute-limited sweeps side by side.
+
+    Requeue: once the job has saved a finished task, it gets the pre-timeout signal (SIGUSR2, what
+    Slurm sends ``signal_delay_s`` before the limit: the moment Slurm picks varies by up to 30 s, so
+    the test sends it itself, like submitit's own test helper). It checkpoints, is requeued, resumes
+    from its last finished task and ends ok with the very matrix of an uninterrupted run.
+    Timeout: no requeue allowed and more work than a minute: Slurm's own pre-timeout signal ends it as
+    a ``timeout`` row with the tasks it finished."""
     requeue, timeout, reference = tmp_path / "requeue", tmp_path / "timeout", tmp_path / "reference"
-    p_requeue = _sweep("seed=0", *LONG, "hydra.launcher.max_num_timeout=10", f"hydra.sweep.dir={requeue}", wait=False)
-    p_timeout = _sweep("seed=0", *LONG, "hydra.launcher.max_num_timeout=0", f"hydra.sweep.dir={timeout}", wait=False)
+    p_timeout = _sweep("seed=0", *LONG, *LIMIT, "hydra.launcher.max_num_timeout=0", f"hydra.sweep.dir={timeout}", wait=False)
+    p_requeue = _sweep("seed=0", *SHORT, *LIMIT, "hydra.launcher.max_num_timeout=10", f"hydra.sweep.dir={requeue}",
+                       wait=False)
     try:
+        deadline = time.monotonic() + 240
+        while not list(requeue.glob("0_*/checkpoint.pt")):
+            assert p_requeue.poll() is None and time.monotonic() < deadline, "the job saved no finished task in time"
+            time.sleep(0.2)
+        job = _submitted(requeue)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # the same run without Slurm, for its matrix
-        ref = subprocess.run([*CL_RUN, "seed=0", "threads=1", "device=cpu", *LONG[:3], f"hydra.run.dir={reference}"],
+        ref = subprocess.run([*CL_RUN, "seed=0", "threads=1", "device=cpu", *SHORT, f"hydra.run.dir={reference}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert ref.returncode == 0, ref.stderr[-2000:]
+        out_r, err_r = p_requeue.communicate(timeout=600)
         out_t, err_t = p_timeout.communicate(timeout=300)
-        out_r, err_r = p_requeue.communicate(timeout=900)
     finally:
         _stop(p_requeue, requeue)
         _stop(p_timeout, timeout)
-    expected = _metrics(reference)["accuracy_matrix"]
 
     assert p_requeue.returncode == 0, out_r[-2000:] + err_r[-3000:]
     (m,) = _check_summary(requeue, 1)
-    assert m["status"] == "ok" and m["accuracy_matrix"] == expected
-    job = _submitted(requeue)
+    assert m["status"] == "ok" and m["accuracy_matrix"] == _metrics(reference)["accuracy_matrix"]
     runs = _sacct(job, "JobID,State")
-    assert [s for _, s in runs].count("REQUEUED") >= 1 and runs[-1][1] == "COMPLETED", runs
+    assert runs[0][1] == "REQUEUED" and runs[-1][1] == "COMPLETED", runs
     log = next((requeue / ".submitit" / job).glob("*_log.out")).read_text()
     assert "Requeued job" in log and "resuming" in log and "tasks 1–" in log
 
     assert p_timeout.returncode == 1, out_t[-2000:] + err_t[-3000:]
     (t,) = _check_summary(timeout, 1)
-    assert t["status"] == "timeout" and "hydra.launcher.timeout_min=1" in t["error"]
-    assert 1 <= t["tasks_done"] < 20 and t["accuracy_matrix"] == expected[: t["tasks_done"]]
-    assert "Traceback" not in err_t
+    assert t["status"] == "timeout" and "hydra.launcher.timeout_min=1" in t["error"], t["error"]
+    assert 1 <= t["tasks_done"] < 30 and len(t["accuracy_matrix"]) == t["tasks_done"]
+    assert [s for _, s in _sacct(_submitted(timeout), "JobID,State")] == ["FAILED"]  # ended by cl-run, not killed
+    assert "Traceback" not in err_t and "Traceback" not in err_r
 
 
 @pytest.mark.slurm
