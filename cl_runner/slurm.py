@@ -181,8 +181,11 @@ def _checkpoint_rows(out_dir: Path) -> dict[str, Any]:
         import torch
 
         state = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
-        return {"accuracy_matrix": [list(r) for r in state["matrix"]], "initial_accuracy": list(state["initial"]),
-                "tasks_done": int(state["tasks_done"])}
+        return {
+            "accuracy_matrix": [list(r) for r in state["matrix"]],
+            "initial_accuracy": list(state["initial"]),
+            "tasks_done": int(state["tasks_done"]),
+        }
     except Exception:  # noqa: BLE001 - rows are a bonus; the status is what must be written
         return {}
 
@@ -227,19 +230,28 @@ def finished_tasks(out_dir: Path) -> int | None:
     return _checkpoint_rows(out_dir).get("tasks_done")
 
 
-def outcome_message(status: str, job_id: str, state: str | None, params: Mapping[str, Any], tasks_done: int | None,
-                    started: bool = True, log: str | None = None) -> str:
+def outcome_message(
+    status: str,
+    job_id: str,
+    state: str | None,
+    params: Mapping[str, Any],
+    tasks_done: int | None,
+    started: bool = True,
+    log: str | None = None,
+) -> str:
     """The ``error`` text of a status the launcher records."""
     kept = "no task had finished" if not tasks_done else f"{tasks_done} finished task(s) kept"
     if status == "cancelled":
         if not started:
             return f"Slurm job {job_id} was cancelled while pending; run the sweep's command again to run it"
-        return f"Slurm job {job_id} was cancelled while running ({state}); {kept}; run the sweep's command again to resume"
+        return (
+            f"Slurm job {job_id} was cancelled while running ({state}); {kept}; run the sweep's command again to resume"
+        )
     if status == "timeout":
         return (
-            f"Slurm job {job_id} reached its time limit (hydra.launcher.timeout_min={params.get('timeout_min')}) "
-            f"after {params.get('max_num_timeout')} requeue(s) (hydra.launcher.max_num_timeout); {kept}; raise either, "
-            "or run the sweep's command again to resume"
+            f"Slurm job {job_id} reached its time limit (hydra.launcher.timeout_min={params.get('timeout_min')}) and "
+            f"may not be requeued again (hydra.launcher.max_num_timeout={params.get('max_num_timeout')}); {kept}; "
+            "raise either, or run the sweep's command again to resume"
         )
     why = f"Slurm state {state}" if state else "unknown Slurm state"
     if first_word(state) == "OUT_OF_MEMORY":
@@ -248,7 +260,7 @@ def outcome_message(status: str, job_id: str, state: str | None, params: Mapping
 
 
 def first_word(state: str | None) -> str:
-    """"CANCELLED by 0" → "CANCELLED"."""
+    """ "CANCELLED by 0" → "CANCELLED"."""
     return (state or "").split(" ")[0].upper()
 
 
@@ -273,8 +285,18 @@ def job_name(overrides: Iterable[str], default_method: str | None = None, limit:
 #: GB per job by benchmark, from measured peaks on CPU (split_digits 0.9 GB, split_mnist 1.1 GB) with
 #: room for the CUDA runtime; benchmarks holding one transformed copy per task (permuted, rotated)
 #: or several datasets, and CIFAR, get more
-MEM_GB = {"split_digits": 2, "permuted_digits": 2, "split_mnist": 4, "split_fashion_mnist": 4, "mnist_fashion": 4,
-          "permuted_mnist": 8, "rotated_mnist": 8, "mnist_fellowship": 8, "split_cifar10": 8, "split_cifar100": 8}
+MEM_GB = {
+    "split_digits": 2,
+    "permuted_digits": 2,
+    "split_mnist": 4,
+    "split_fashion_mnist": 4,
+    "mnist_fashion": 4,
+    "permuted_mnist": 8,
+    "rotated_mnist": 8,
+    "mnist_fellowship": 8,
+    "split_cifar10": 8,
+    "split_cifar100": 8,
+}
 
 
 def default_mem_gb(benchmarks: Iterable[str]) -> int:

@@ -27,23 +27,47 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submi
 
 
 # ----------------------------------------------------------------------------- decisions (no cluster)
-PARAMS = {"partition": "nope", "gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 100, "timeout_min": 1,
-          "max_num_timeout": 3, "account": "x"}
+PARAMS = {
+    "partition": "nope",
+    "gpus_per_node": 1,
+    "cpus_per_task": 4,
+    "mem_gb": 100,
+    "timeout_min": 1,
+    "max_num_timeout": 3,
+    "account": "x",
+}
 
 
 @pytest.mark.parametrize(
     "stderr, starts, contains",
     [  # sbatch's own words, as Slurm 22.05 printed them on the test cluster
-        ("sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: Invalid partition "
-         "name specified", "hydra.launcher.partition=nope: ", "invalid partition specified: nope"),
-        ("sbatch: error: Batch job submission failed: Invalid generic resource (gres) specification",
-         "hydra.launcher.gpus_per_node=1: ", "Invalid generic resource (gres) specification"),
-        ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
-         "Requested node configuration is not available", "hydra.launcher.mem_gb=100: ", "Memory specification"),
-        ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
-         "hydra.launcher.cpus_per_task=4 / mem_gb=100 / gpus_per_node=1: ", "node configuration"),
-        ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
-         "hydra.launcher.account=x: ", "Invalid account"),
+        (
+            "sbatch: error: invalid partition specified: nope\n"
+            "sbatch: error: Batch job submission failed: Invalid partition name specified",
+            "hydra.launcher.partition=nope: ",
+            "invalid partition specified: nope",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Invalid generic resource (gres) specification",
+            "hydra.launcher.gpus_per_node=1: ",
+            "Invalid generic resource (gres) specification",
+        ),
+        (
+            "sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
+            "Requested node configuration is not available",
+            "hydra.launcher.mem_gb=100: ",
+            "Memory specification",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available",
+            "hydra.launcher.cpus_per_task=4 / mem_gb=100 / gpus_per_node=1: ",
+            "node configuration",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            "hydra.launcher.account=x: ",
+            "Invalid account",
+        ),
         ("sbatch: error: something new", "the hydra.launcher.* settings: ", "something new"),
     ],
 )
@@ -57,9 +81,19 @@ def test_stuck_pending_reasons():
     assert slurm.stuck_reason("PartitionConfig") == ("partition", "cpus_per_task", "mem_gb", "gpus_per_node")
     assert slurm.stuck_reason("PartitionTimeLimit") == ("partition", "timeout_min")
     assert slurm.stuck_reason("QOSMaxWallDurationPerJobLimit") is not None
-    for waits in ("Resources", "Priority", "JobArrayTaskLimit", "ReqNodeNotAvail, UnavailableNodes:n1", "BeginTime", "None"):
+    for waits in (
+        "Resources",
+        "Priority",
+        "JobArrayTaskLimit",
+        "ReqNodeNotAvail, UnavailableNodes:n1",
+        "BeginTime",
+        "None",
+    ):
         assert slurm.stuck_reason(waits) is None, waits
-    assert slurm.launcher_keys(("cpus_per_task", "mem_gb"), {"cpus_per_task": 4}) == "hydra.launcher.cpus_per_task=4 / mem_gb=null"
+    assert (
+        slurm.launcher_keys(("cpus_per_task", "mem_gb"), {"cpus_per_task": 4})
+        == "hydra.launcher.cpus_per_task=4 / mem_gb=null"
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,9 +134,18 @@ def test_record_outcome_keeps_the_runs_rows_and_creates_a_missing_folder(tmp_pat
     # an interrupted run (as cl_runner.app writes it) relabelled cancelled: its rows stay
     run = tmp_path / "0_run"
     run.mkdir()
-    interrupted = {"status": "interrupted", "error": "interrupted during task 3", "method": "ewc", "lambda": 100.0, "seed": 3,
-                   "accuracy_matrix": [[0.9, 0.1], [0.8, 0.95]], "initial_accuracy": [0.5, 0.5], "task_names": ["a", "b"],
-                   "tasks_done": 2, "acc": None}
+    interrupted = {
+        "status": "interrupted",
+        "error": "interrupted during task 3",
+        "method": "ewc",
+        "lambda": 100.0,
+        "seed": 3,
+        "accuracy_matrix": [[0.9, 0.1], [0.8, 0.95]],
+        "initial_accuracy": [0.5, 0.5],
+        "task_names": ["a", "b"],
+        "tasks_done": 2,
+        "acc": None,
+    }
     (run / "metrics.json").write_text(json.dumps(interrupted))
     slurm.record_outcome(run, cfg, "cancelled", "cancelled while running")
     data = json.loads((run / "metrics.json").read_text())
@@ -118,15 +161,22 @@ def test_record_outcome_keeps_the_runs_rows_and_creates_a_missing_folder(tmp_pat
     slurm.record_outcome(never, cfg, "cancelled", "cancelled while pending")
     data = json.loads((never / "metrics.json").read_text())
     assert (data["status"], data["method"], data["lambda"], data["seed"], data["benchmark"]) == (
-        "cancelled", "ewc", 100, 3, "split_digits")
+        "cancelled",
+        "ewc",
+        100,
+        3,
+        "split_digits",
+    )
     assert data["acc"] is None and not (never / "accuracy_matrix.csv").exists()
 
 
 def test_record_outcome_reads_rows_from_a_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     cfg = compose_config()
-    torch.save({"trainer": {"tasks_done": 1, "matrix": [[0.75, 0.25]], "initial": [0.5, 0.5]}, "wall_time_s": 3.0},
-               tmp_path / "checkpoint.pt")
+    torch.save(
+        {"trainer": {"tasks_done": 1, "matrix": [[0.75, 0.25]], "initial": [0.5, 0.5]}, "wall_time_s": 3.0},
+        tmp_path / "checkpoint.pt",
+    )
     slurm.record_outcome(tmp_path, cfg, "timeout", "killed")
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert (data["status"], data["accuracy_matrix"], data["tasks_done"]) == ("timeout", [[0.75, 0.25]], 1)
@@ -135,7 +185,8 @@ def test_record_outcome_reads_rows_from_a_checkpoint(tmp_path):
 
 def test_job_names_and_memory():
     assert slurm.job_name(["method=ewc", "lambda=100", "seed=1", "hydra.launcher.partition=x", "data_dir=/d"]) == (
-        "cl-run:ewc:lambda=100,seed=1")
+        "cl-run:ewc:lambda=100,seed=1"
+    )
     assert slurm.job_name(["seed=0,1,2"], default_method="finetune") == "cl-run:finetune:seed=0,1,2"
     long = slurm.job_name([f"method.option_{i}=value" for i in range(20)], "si")
     assert len(long) == 80 and long.endswith("...")
@@ -149,13 +200,23 @@ def test_presets_ask_for_what_a_job_needs():
 
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
         cfg = hydra.compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-        gpu = hydra.compose("config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"],
-                            return_hydra_config=True)
+        gpu = hydra.compose(
+            "config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.cl_runner_launcher.slurm_launcher.ClRunnerSlurmLauncher"
-    assert (launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb, launcher.tasks_per_node) == (1, None, None, 1)
+    assert (launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb, launcher.tasks_per_node) == (
+        1,
+        None,
+        None,
+        1,
+    )
     assert launcher.max_num_timeout >= 1 and launcher.name == "cl-run"
-    assert (gpu.hydra.launcher.gpus_per_node, gpu.hydra.launcher.partition, gpu.hydra.launcher.cpus_per_task) == (1, "gpu", 4)
+    assert (gpu.hydra.launcher.gpus_per_node, gpu.hydra.launcher.partition, gpu.hydra.launcher.cpus_per_task) == (
+        1,
+        "gpu",
+        4,
+    )
 
 
 def test_job_signals(monkeypatch):
@@ -201,21 +262,39 @@ def test_job_signals(monkeypatch):
 def test_installed_wheel_finds_the_launcher(tmp_path):
     """Hydra finds launchers by scanning the hydra_plugins namespace: the wheel must ship the plugin."""
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     assert (site / "hydra_plugins" / "cl_runner_launcher" / "slurm_launcher.py").is_file()
     assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace shared with other plugins
-    probe = ("import cl_runner, hydra_plugins.cl_runner_launcher as p; print(cl_runner.__file__, p.__file__);"
-             "from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
-             "print([c.__name__ for c in Plugins.instance().discover(Launcher)])")
+    probe = (
+        "import cl_runner, hydra_plugins.cl_runner_launcher as p; print(cl_runner.__file__, p.__file__);"
+        "from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
+        "print([c.__name__ for c in Plugins.instance().discover(Launcher)])"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     files, launchers = out.stdout.splitlines()
     assert all(f.startswith(str(site)) for f in files.split())
     assert "ClRunnerSlurmLauncher" in launchers
-    res = subprocess.run([sys.executable, str(site / "bin" / "cl-run"), "hydra/launcher=slurm", "--cfg", "hydra",
-                          "-p", "hydra.launcher._target_"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(site / "bin" / "cl-run"),
+            "hydra/launcher=slurm",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.launcher._target_",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "ClRunnerSlurmLauncher" in res.stdout, res.stderr
 
 
@@ -262,7 +341,9 @@ def _metrics(folder: Path) -> dict:
 
 
 def _folders(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0]))
+    return sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0])
+    )
 
 
 def _array_id(stdout: str) -> str:
@@ -271,7 +352,9 @@ def _array_id(stdout: str) -> str:
 
 
 def _sacct(job: str, fields: str = "JobID,JobName%80,State") -> list[list[str]]:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", fields], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", fields], capture_output=True, text=True, timeout=30
+    )
     return [ln.split("|") for ln in out.stdout.splitlines()]
 
 
@@ -311,7 +394,11 @@ def test_sweep_of_three_jobs_all_ok(tmp_path):
     names = {jid: (name, state) for jid, name, state in _sacct(array)}
     for i in range(3):
         name, state = names[f"{array}_{i}"]
-        assert state == "COMPLETED" and name.startswith("cl-run:finetune:") and f"seed={i}" in name.split(":")[2].split(",")
+        assert (
+            state == "COMPLETED"
+            and name.startswith("cl-run:finetune:")
+            and f"seed={i}" in name.split(":")[2].split(",")
+        )
     assert len(list((out / ".submitit").glob("*/*_log.out"))) == 3
 
 
@@ -388,9 +475,12 @@ def test_time_limit_requeue_resumes_and_out_of_requeues_is_timeout(tmp_path):
     Timeout: no requeue allowed and more work than a minute: Slurm's own pre-timeout signal ends it as
     a ``timeout`` row with the tasks it finished."""
     requeue, timeout, reference = tmp_path / "requeue", tmp_path / "timeout", tmp_path / "reference"
-    p_timeout = _sweep("seed=0", *LONG, *LIMIT, "hydra.launcher.max_num_timeout=0", f"hydra.sweep.dir={timeout}", wait=False)
-    p_requeue = _sweep("seed=0", *SHORT, *LIMIT, "hydra.launcher.max_num_timeout=10", f"hydra.sweep.dir={requeue}",
-                       wait=False)
+    p_timeout = _sweep(
+        "seed=0", *LONG, *LIMIT, "hydra.launcher.max_num_timeout=0", f"hydra.sweep.dir={timeout}", wait=False
+    )
+    p_requeue = _sweep(
+        "seed=0", *SHORT, *LIMIT, "hydra.launcher.max_num_timeout=10", f"hydra.sweep.dir={requeue}", wait=False
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(requeue.glob("0_*/checkpoint.pt")):
@@ -399,8 +489,13 @@ def test_time_limit_requeue_resumes_and_out_of_requeues_is_timeout(tmp_path):
         job = _submitted(requeue)
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # the same run without Slurm, for its matrix
-        ref = subprocess.run([*CL_RUN, "seed=0", "threads=1", "device=cpu", *SHORT, f"hydra.run.dir={reference}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        ref = subprocess.run(
+            [*CL_RUN, "seed=0", "threads=1", "device=cpu", *SHORT, f"hydra.run.dir={reference}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert ref.returncode == 0, ref.stderr[-2000:]
         out_r, err_r = p_requeue.communicate(timeout=600)
         out_t, err_t = p_timeout.communicate(timeout=300)
@@ -431,7 +526,11 @@ def test_time_limit_requeue_resumes_and_out_of_requeues_is_timeout(tmp_path):
     [
         ("hydra.launcher.partition=nope", "hydra.launcher.partition=nope", "invalid partition specified"),
         ("hydra.launcher.gpus_per_node=1", "hydra.launcher.gpus_per_node=1", "Invalid generic resource (gres)"),
-        ("hydra.launcher.cpus_per_task=4", "cpus_per_task=4", "PartitionConfig"),  # 4 CPUs on a 2-CPU node: pends forever
+        (
+            "hydra.launcher.cpus_per_task=4",
+            "cpus_per_task=4",
+            "PartitionConfig",
+        ),  # 4 CPUs on a 2-CPU node: pends forever
     ],
 )
 def test_bad_request_is_one_error_line(tmp_path, override, key, slurm_says):
