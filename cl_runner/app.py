@@ -166,13 +166,25 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return run_identity(cfg, experiment)
 
 
+def check_same_config(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
+    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
+    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
+    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    diffs = config_differences(saved, new)
+    if diffs:
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise ValueError(
+            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
+            "command to resume it, or choose another folder"
+        )
+
+
 def _claim_config(out_dir: Path, resolved: dict[str, Any]) -> None:
     """Save the run's resolved config, or check that a resumed folder was made by the same one."""
-    path = out_dir / CONFIG
-    if path.is_file():
-        _claim_config_check(out_dir, resolved)
+    if (out_dir / CONFIG).is_file():
+        check_same_config(out_dir, resolved)
     else:
-        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_atomic(out_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[str, Any]:
@@ -229,8 +241,11 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     hparams.update({"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size})
     saved = load_checkpoint(out_dir, device)
     earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
-    console_log = ConsoleLogger(console)
-    tb = TensorBoardLogger(out_dir / "tb", len(stream), cfg.log_every)
+    console_log = ConsoleLogger(console, run_dir=out_dir)
+    # a resumed run hides what the interrupted attempt logged after its checkpoint's last event
+    # (at step = steps so far): no curve is drawn twice
+    purge = saved["trainer"]["steps"] + 1 if saved else None
+    tb = TensorBoardLogger(out_dir, len(stream), cfg.log_every, purge_step=purge)
 
     def checkpoint(state: dict[str, Any]) -> None:
         tb.writer.flush()  # the events of finished tasks survive a kill -9, like the checkpoint
@@ -286,14 +301,15 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
         write_result_files(out_dir, result)
         if status == "ok":
             tb.final(result, hparams)
-        elif status == "diverged":
-            tb.failed(hparams)
+        else:
+            tb.failed(hparams, status=status)  # interrupted: "unknown" in HParams, resumable
     except BaseException:
         tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
         raise
     finally:
         tb.close()
     if status != "ok":
+        console_log.where(result)
         raise RunStopped(status, message, out_dir)
     if not cfg.keep_checkpoint:
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
@@ -305,7 +321,8 @@ def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | 
     """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
     from cl_runner.loggers import write_result_files
 
-    if read_status(out_dir) is not None and read_status(out_dir).get("status") in FINISHED:
+    previous = read_status(out_dir)
+    if previous is not None and previous.get("status") in FINISHED:
         return
     result = {"status": "failed", "error": message, **identity(cfg)}
     result.update({k: None for k in (*METRIC_KEYS, "wall_time_s")})
@@ -332,16 +349,16 @@ def hydra_main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:
         _SWEEP["dir"] = hc.sweep.dir
-    job = f"job {hc.job.num}" if multirun else "run"
+    job = f"job {hc.job.num}: " if multirun else ""
     try:
         run_experiment(cfg, out_dir)
     except AlreadyFinished as e:
         if not multirun:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        print(f"{job}: already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
+        print(f"{job}already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
     except RunStopped as e:
-        print(f"{'error: ' if e.status == 'diverged' else ''}{job}: {e} (results so far: {out_dir})", file=sys.stderr)
+        print(f"{'error: ' if e.status == 'diverged' else ''}{job}{e} (results so far: {out_dir})", file=sys.stderr)
         if e.status == "interrupted":
             if multirun:
                 raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep
@@ -351,16 +368,16 @@ def hydra_main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:  # before training started: nothing to keep
         if multirun:
             raise
-        print(f"{job}: interrupted before training started", file=sys.stderr)
+        print(f"{job}interrupted before training started", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except USER_ERRORS as e:
         if not multirun:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         record_failure(cfg, out_dir, _one_line(e))
-        print(f"error: {job} failed: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {job}failed: {_one_line(e)}", file=sys.stderr)
     except OSError as e:  # a full disk, a folder that vanished: a fault, not a bug
-        print(f"error: {job}: cannot write its results in {out_dir}: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {job}cannot write results in {out_dir}: {_one_line(e)}", file=sys.stderr)
         if not multirun:
             sys.exit(EXIT_FAILED)
     except Exception as e:
@@ -370,7 +387,7 @@ def hydra_main(cfg: DictConfig) -> None:
             pass
         if not multirun:
             raise  # a bug, not bad input: keep the traceback
-        print(f"error: {job} failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
+        print(f"error: {job}failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -446,22 +463,9 @@ def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
         )
     if (folder / CONFIG).is_file():
         try:
-            _claim_config_check(folder, cfg)
+            check_same_config(folder, cfg)
         except ValueError as e:
             raise UsageError(str(e)) from None
-
-
-def _claim_config_check(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
-    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
-    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
-    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    diffs = config_differences(saved, new)
-    if diffs:
-        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-        raise ValueError(
-            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
-            "command to resume it, or choose another folder"
-        )
 
 
 def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
@@ -562,8 +566,8 @@ def main() -> None:
         sys.exit(EXIT_INTERRUPTED)
     from cl_runner import sweep
 
-    if sweep.LAST_STATUS:  # a finished multirun in which some job did not end ok
-        sys.exit(EXIT_FAILED)
+    if sweep.LAST_ROWS is not None:  # a finished multirun: 1 when some job did not end ok
+        sys.exit(sweep.sweep_status(sweep.LAST_ROWS))
 
 
 if __name__ == "__main__":

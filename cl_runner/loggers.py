@@ -57,54 +57,82 @@ def read_matrix_csv(path: Path) -> tuple[list[float], list[list[float]]]:
 
 
 class TensorBoardLogger(TrainerEvents):
-    """Scalars per step and per task, the final matrix (table + heatmap), hparams and importances."""
+    """A run's TensorBoard events, written into the run folder itself (so that TensorBoard names the
+    run after the folder, e.g. ``3_lambda=10,method=ewc``) and its HParams session into the sub-run
+    ``<run>/hparams``.
 
-    def __init__(self, log_dir: Path, n_tasks: int, log_every: int = 1):
+    Conventions (README, "Outputs and TensorBoard"): the step of every event is the number of
+    optimizer steps taken since the start of the run (``acc/task_<j>`` at step 0 = the initial
+    model, then at the step where each task ended); accuracies and metrics are in percent;
+    ``train/loss`` and ``train/penalty`` (λ·penalty) are per optimizer step. The final metrics are
+    written once, as ``hparam/<metric>`` in ``<run>/hparams``.
+    """
+
+    def __init__(self, log_dir: Path, n_tasks: int, log_every: int = 1, trial: str | None = None,
+                 purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         from cl_runner import tb_extras
 
+        log_dir = Path(log_dir)
+        self.log_dir = log_dir
         self.extras = tb_extras
-        self.writer = SummaryWriter(str(log_dir))
+        # purge_step (a resumed run: the optimizer step of its checkpoint) hides the events an earlier,
+        # interrupted attempt wrote from that step on, so curves are not drawn twice
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.log_every = max(1, int(log_every))
-        self.writer.add_custom_scalars(tb_extras.custom_scalars_layout(n_tasks))
+        self.trial = trial or f"{log_dir.name} ({log_dir.parent.name})"
+        self.step = max(0, (purge_step or 1) - 1)  # optimizer steps taken so far
+        self.task_end_steps: list[int] = []
 
     def task_end(self, t: int, first_step: int, losses: list[float], penalties: list[float]) -> None:
         for k in range(0, len(losses), self.log_every):
             self.writer.add_scalar("train/loss", losses[k], first_step + k)
             self.writer.add_scalar("train/penalty", penalties[k], first_step + k)
+        self.step = first_step + len(losses)
+        self.task_end_steps.append(self.step)
 
     def evaluated(self, trained: int, row: list[float]) -> None:
-        if trained < 0:
-            for j, a in enumerate(row):
-                self.writer.add_scalar(f"acc_init/task_{j + 1}", a, 0)
-            return
+        step = 0 if trained < 0 else self.step
         for j, a in enumerate(row):
-            self.writer.add_scalar(f"acc/task_{j + 1}", a, trained + 1)
-        self.writer.add_scalar("acc/average_seen", sum(row[: trained + 1]) / (trained + 1), trained + 1)
+            self.writer.add_scalar(f"acc/task_{j + 1}", 100.0 * a, step)
+        if trained >= 0:
+            self.writer.add_scalar("acc/average_seen", 100.0 * sum(row[: trained + 1]) / (trained + 1), step)
 
     def consolidated(self, t: int, method: Method) -> None:
         importance = method.importance()
         if importance:
-            self.extras.write_importance_histograms(self.writer, importance, t + 1)
+            self.extras.write_importance_histograms(self.writer, importance, self.step)
+
+    def _hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], status: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.log_dir / "hparams")) as w:
+            self.extras.write_hparams(w, hparams, metrics, status=status, trial=self.trial, step=self.step)
 
     def final(self, result: dict[str, Any], hparams: dict[str, Any]) -> None:
-        T = len(result["task_names"])
-        for name in METRIC_NAMES:
-            if result[name] is not None:
-                self.writer.add_scalar(f"metrics/{name}", result[name], T)
+        names, matrix = result["task_names"], result["accuracy_matrix"]
         self.writer.add_text(
             "accuracy_matrix",
-            matrix_markdown(result["accuracy_matrix"], result["task_names"], result["initial_accuracy"]),
-            T,
+            matrix_markdown(matrix, names, result["initial_accuracy"]) + "\n\n" + self._steps_note(names),
+            self.step,
         )
-        image = self.extras.accuracy_heatmap(result["accuracy_matrix"], result["task_names"])
-        self.writer.add_image("accuracy_matrix/heatmap", image, T, dataformats="HWC")
-        metrics = {k: result[k] for k in METRIC_NAMES if result[k] is not None}
-        self.extras.write_hparams(self.writer, hparams, metrics)
+        if matrix:
+            self.writer.add_image("accuracy_matrix/heatmap", self.extras.accuracy_heatmap(matrix, names), self.step,
+                                  dataformats="HWC")
+            self.writer.add_image("accuracy_matrix/per_task_curves",
+                                  self.extras.accuracy_curves(matrix, names, result["initial_accuracy"]), self.step,
+                                  dataformats="HWC")
+        metrics = {k: 100.0 * result[k] for k in METRIC_NAMES if result.get(k) is not None}
+        self._hparams(hparams, metrics, result.get("status", "ok"))
 
-    def failed(self, hparams: dict[str, Any]) -> None:
-        self.extras.write_hparams(self.writer, hparams, {}, status="failed")
+    def _steps_note(self, names: Sequence[str]) -> str:
+        ends = ", ".join(f"T{i + 1} at step {s}" for i, s in enumerate(self.task_end_steps))
+        return (f"Accuracies in %. Step axis = optimizer steps since the start of the run: step 0 = the initial "
+                f"model; tasks ended at: {ends or 'none'}.")
+
+    def failed(self, hparams: dict[str, Any], status: str = "failed") -> None:
+        self._hparams(hparams, {}, status)
 
     def close(self) -> None:
         self.writer.close()
@@ -113,9 +141,10 @@ class TensorBoardLogger(TrainerEvents):
 class ConsoleLogger(TrainerEvents):
     """A rich progress bar per task; the matrix and metrics as tables at the end."""
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, run_dir: Path | str | None = None):
         self.console = console or Console()
         self.bar: Progress | None = None
+        self.run_dir = run_dir
 
     def task_start(self, t: int, name: str, n_steps: int) -> None:
         self.bar = Progress(
@@ -157,6 +186,26 @@ class ConsoleLogger(TrainerEvents):
         m.add_column("time", justify="right")
         m.add_row(*[_pct(result[n]) for n in METRIC_NAMES], f"{result['wall_time_s']:.1f}s")
         self.console.print(m)
+        self.where(result)
+
+    def where(self, result: dict[str, Any] | None = None) -> None:
+        """The last lines of a run: its folder (and how to open it in TensorBoard)."""
+        run_dir = self.run_dir or _hydra_output_dir()
+        if run_dir is None:
+            return
+        status = (result or {}).get("status", "ok")
+        self.console.print(f"results ({status}): {run_dir}", highlight=False, soft_wrap=True)
+        self.console.print(f"  tensorboard --logdir {run_dir}", highlight=False, soft_wrap=True)
+
+
+def _hydra_output_dir() -> str | None:
+    """The run folder of the Hydra job in progress (None outside Hydra, e.g. in tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    except Exception:
+        return None
 
 
 def _pct(v: float | None) -> str:

@@ -12,6 +12,11 @@ columns = tasks); ``b[j]`` = accuracy on task j of the *initial* model, before a
   f_j = max_{l ∈ 0..T-2} R[l, j] − R[T-1, j],  forgetting = 1/(T-1) Σ_{j<T-1} f_j
   (the last task is excluded: it cannot have been forgotten yet).
 - Learning accuracy (plasticity; Riemer et al. 2019):  LA = 1/T Σ_j R[j, j]
+- Intransigence (Chaudhry et al. 2018, RWalk, eq. 3), opt-in: needs the matrix ``J`` of a reference
+  model trained *jointly* on tasks 0..k at stage k (``method=joint method.mode=cumulative``, same
+  stream, seed and settings):  I_k = J[k, k] − R[k, k],  intransigence = 1/T Σ_k I_k
+  (positive = the method learns new tasks worse than joint training would; the counterpart of
+  forgetting). The sweep summary computes it when the sweep holds the joint reference jobs.
 
 With a single task, BWT, FWT and forgetting are undefined and returned as None.
 """
@@ -61,6 +66,16 @@ def forgetting(R: Matrix) -> float | None:
 def learning_accuracy(R: Matrix) -> float:
     T = _check(R)
     return sum(R[j][j] for j in range(T)) / T
+
+
+def intransigence(R: Matrix, joint: Matrix) -> float:
+    """1/T Σ_k (J[k][k] − R[k][k]): how much worse than the joint reference ``joint`` (J, trained on
+    tasks 0..k together at stage k) the method is on task k right after learning it (Chaudhry et al.
+    2018, eq. 3; averaged over all T tasks, the first included)."""
+    T = _check(R)
+    if _check(joint) != T:
+        raise ValueError(f"the joint reference matrix has {len(joint)} tasks, the run {T}")
+    return sum(joint[k][k] - R[k][k] for k in range(T)) / T
 
 
 def all_metrics(R: Matrix, initial: Sequence[float]) -> dict[str, float | None]:

@@ -1,26 +1,42 @@
-"""Sweep summaries: collect the jobs' ``metrics.json`` from disk, write summary.csv / summary.md,
-print them as rich tables.
+"""Sweep summaries: collect the jobs' ``metrics.json`` from disk, write summary.csv / summary.md and
+the λ trade-off figure, print them as rich tables.
 
-Everything is read back from the job folders, never from the launcher's return values, so the
-summary is the same under the basic, joblib and submitit launchers, and ``scripts/summarize.py``
-can rebuild it for a finished or partial sweep.
+Everything is read back from the job folders (and the sweep's ``multirun.yaml``), never from the
+launcher's return values, so the summary is the same under the basic, joblib and submitit
+launchers, and ``cl-run-summary`` (``python -m cl_runner.sweep``, ``scripts/summarize.py``) can
+rebuild it for a finished, partial or interrupted sweep.
 
 Files written into the sweep directory:
 
-- ``summary.csv``: one row per job folder (raw fractions, full precision; empty cell = none).
-- ``summary.md``: the same as a markdown table (metrics in %), the errors of failed jobs, and,
-  when some setting was run with more than one seed, a grouped table of mean ± std.
+- ``summary.csv``: one row per job (metrics in percent, full precision; empty cell = none). Every
+  override key that varies across the jobs gets a column (``method.fisher_labels``, ``epochs``…).
+- ``summary.md``: the same as a markdown table (metrics in %, two decimals), why jobs have no
+  results, and, when some setting was run with more than one seed, a grouped table of mean ± std.
 - ``summary_grouped.csv``: the grouped table, only when some setting has more than one seed.
+- ``tradeoff.png`` (and the image ``sweep/tradeoff`` in the TensorBoard run ``summary``): ACC, BWT
+  and learning accuracy against λ, one line per method (and per other swept setting), mean ± std
+  over seeds; only when λ varies.
+
+Statuses (``metrics.json`` ``status``): ok, failed, diverged (non-finite loss; keeps the finished
+rows of its matrix), interrupted (resumable), cancelled, timeout (written by a Slurm launcher);
+``missing`` = a job of the sweep with no metrics.json (never started, killed, or still running),
+including jobs of ``multirun.yaml`` that have no folder at all.
 
 Grouping: a setting is every identifying value of a job except its seed: method, λ, benchmark,
 scenario, model, optimizer, experiment, the method's options, and any other command-line override
 (e.g. ``epochs=5``). Means and standard deviations are taken over the jobs with status "ok" only;
 std is the sample standard deviation (divisor n − 1), empty when only one job is ok.
+
+Intransigence (opt-in, ``cl_runner/metrics.py``): when the sweep (or a sweep given with
+``--joint``) holds ``method=joint`` jobs in ``cumulative`` mode, each ok job is compared with the
+ok joint job of the same benchmark, scenario, seed, model, optimizer, experiment and other
+overrides; the column appears only then.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -31,18 +47,26 @@ from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
 
-from cl_runner.identity import run_identity
+from cl_runner.identity import job_dirname, run_identity, sweep_jobs, varying_keys
 
 METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
-METRIC_TITLES = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "learning_accuracy": "LA"}
+OPTIONAL_METRICS = ("intransigence",)
+METRIC_TITLES = {
+    "acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "learning_accuracy": "LA",
+    "intransigence": "intransigence",
+}
+STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
 IDENTITY = ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer", "experiment")
-CSV_FIELDS = (
-    "num", "job", "status", *IDENTITY, *METRICS, "wall_time_s", "method_options", "overrides", "error",
-)
 GROUP_FIELDS = ("method", "lambda", "benchmark", "scenario", "model", "optimizer", "experiment", "method_options", "other")
-# Overrides already represented by an identifying field (or irrelevant to the result) are left out
-# of the "other" part of a setting.
-_COVERED = set(IDENTITY) | {"data_dir", "device", "download"}
+# Overrides already represented by an identifying field, or that do not change the result, are left
+# out of the "other" part of a setting.
+_COVERED = set(IDENTITY) | {"data_dir", "device", "download", "threads", "log_every"}
+_WHY = {
+    "missing": "no metrics.json (never started, killed, or still running)",
+    "interrupted": "interrupted; run the same command again to resume",
+    "cancelled": "cancelled",
+    "timeout": "stopped by the scheduler's time limit; run the same command again to resume",
+}
 
 
 # ----------------------------------------------------------------------------- collect
@@ -50,7 +74,7 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     found = {p.parent for p in sweep_dir.rglob("metrics.json")}
     found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
     # submitit keeps its pickles and logs under .submitit/: never job folders
-    found = {d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts}
+    found = {d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts and d != sweep_dir}
     return sorted(found, key=lambda d: (_job_num(d.name), str(d.relative_to(sweep_dir))))
 
 
@@ -68,24 +92,32 @@ def _read_overrides(job: Path) -> list[str]:
             return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]
         except Exception:
             pass
-    # no .hydra: the folder name is "<num>_<override_dirname>" (a best effort: values with commas split)
+    # no .hydra: the folder name is "<num>_<overrides>" (a best effort: values with commas split)
     m = re.match(r"\d+_(.*)$", job.name)
     return [o for o in m.group(1).split(",") if "=" in o] if m else []
 
 
-def _identity_from_config(job: Path, overrides: list[str]) -> dict[str, Any]:
+def _override_map(overrides: Iterable[str]) -> dict[str, str]:
+    """key → value text of a job's overrides (``+``/``~`` prefixes dropped)."""
+    out = {}
+    for o in overrides:
+        key, _, value = str(o).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _identity_from_config(job: Path | None, overrides: list[str]) -> dict[str, Any]:
     """Identifying fields of a job without metrics.json: .hydra/config.yaml, else the overrides."""
     ident: dict[str, Any] = {}
-    path = job / ".hydra" / "config.yaml"
-    if path.is_file():
+    path = job / ".hydra" / "config.yaml" if job is not None else None
+    if path is not None and path.is_file():
         try:
             from omegaconf import OmegaConf
 
             ident = run_identity(OmegaConf.load(path))
         except Exception:
             pass
-    for o in overrides:  # fill what config.yaml did not give
-        key, _, value = o.lstrip("+~").partition("=")
+    for key, value in _override_map(overrides).items():  # fill what config.yaml did not give
         if key in IDENTITY and ident.get(key) is None:
             ident[key] = _parse_scalar(value)
     return ident
@@ -100,52 +132,6 @@ def _parse_scalar(text: str) -> Any:
     return None if text == "null" else text
 
 
-def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job folder below ``sweep_dir`` (a folder holding ``.hydra/`` or ``metrics.json``).
-
-    Fields: num (job number from the folder name), job (folder path relative to the sweep dir),
-    status ("ok" | "failed" from metrics.json; "missing" when a job folder has no metrics.json:
-    crashed, killed or still running), the identifying fields, the five metrics (fractions),
-    wall_time_s, method_options (dict), overrides (list of str), error (str or None). A job folder
-    with no or unreadable metrics.json takes its identifying fields from ``.hydra/config.yaml``,
-    else from its overrides.
-    """
-    sweep_dir = Path(sweep_dir)
-    rows = []
-    for job in _job_dirs(sweep_dir):
-        overrides = _read_overrides(job)
-        rel = str(job.relative_to(sweep_dir))
-        num = _job_num(job.name)
-        row: dict[str, Any] = {"num": int(num) if num != math.inf else None, "job": rel, "overrides": overrides}
-        data = None
-        metrics_path = job / "metrics.json"
-        if metrics_path.is_file():
-            try:
-                data = json.loads(metrics_path.read_text())
-            except (OSError, ValueError) as e:
-                row["error"] = f"unreadable metrics.json: {e}"
-        if isinstance(data, dict):
-            status = data.get("status")
-            row["status"] = status if status in ("ok", "failed") else "failed"
-            row["error"] = data.get("error")
-            for k in IDENTITY:
-                row[k] = data.get(k)
-            row["method_options"] = data.get("method_options") or {}
-            for k in (*METRICS, "wall_time_s"):
-                row[k] = _number(data.get(k))
-        else:
-            row["status"] = "failed" if metrics_path.is_file() else "missing"
-            row.setdefault("error", None if row["status"] == "missing" else "unreadable metrics.json")
-            ident = _identity_from_config(job, overrides)
-            for k in IDENTITY:
-                row[k] = ident.get(k)
-            row["method_options"] = ident.get("method_options") or {}
-            for k in (*METRICS, "wall_time_s"):
-                row[k] = None
-        rows.append(row)
-    return rows
-
-
 def _number(v: Any) -> float | None:
     if v is None or isinstance(v, bool):
         return None
@@ -153,6 +139,139 @@ def _number(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+def _row_from_metrics(row: dict[str, Any], data: dict[str, Any]) -> None:
+    status = data.get("status")
+    row["status"] = status if status in STATUSES and status != "missing" else "failed"
+    row["error"] = data.get("error")
+    if status not in STATUSES:
+        row["error"] = row["error"] or f"unknown status {status!r} in metrics.json"
+    for k in IDENTITY:
+        row[k] = data.get(k)
+    row["method_options"] = data.get("method_options") or {}
+    for k in (*METRICS, "wall_time_s"):
+        row[k] = _number(data.get(k))
+    row["accuracy_matrix"] = data.get("accuracy_matrix")
+    row["metric_notes"] = data.get("metric_notes")
+
+
+def _missing_row(row: dict[str, Any], job: Path | None, status: str = "missing") -> None:
+    row["status"] = status
+    row.setdefault("error", None)
+    ident = _identity_from_config(job, row["overrides"])
+    for k in IDENTITY:
+        row[k] = ident.get(k)
+    row["method_options"] = ident.get("method_options") or {}
+    for k in (*METRICS, "wall_time_s"):
+        row[k] = None
+    row["accuracy_matrix"] = None
+    row["metric_notes"] = None
+
+
+def collect(sweep_dir: str | Path, joint_dirs: Iterable[str | Path] = ()) -> list[dict[str, Any]]:
+    """One row per job of the sweep: every job folder below ``sweep_dir`` (a folder holding
+    ``.hydra/`` or ``metrics.json``), plus one ``missing`` row per job of the sweep's
+    ``multirun.yaml`` that has no folder (matched by the job's overrides).
+
+    Fields: num (job number), job (folder path relative to the sweep dir; for a job without a folder,
+    the folder it would get), status (see the module docstring; an unreadable metrics.json is
+    "failed"), the identifying fields, the five metrics (fractions), intransigence (fraction, when
+    a joint reference exists), wall_time_s, method_options (dict), overrides (list of str),
+    accuracy_matrix, metric_notes, error (str or None). A job folder with no or unreadable
+    metrics.json takes its identifying fields from ``.hydra/config.yaml``, else from its overrides.
+    ``joint_dirs``: other sweep folders whose joint jobs serve as intransigence references.
+    """
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for job in _job_dirs(sweep_dir):
+        overrides = _read_overrides(job)
+        num = _job_num(job.name)
+        row: dict[str, Any] = {
+            "num": int(num) if num != math.inf else None, "job": str(job.relative_to(sweep_dir)), "overrides": overrides,
+        }
+        data = None
+        metrics_path = job / "metrics.json"
+        if metrics_path.is_file():
+            try:
+                data = json.loads(metrics_path.read_text())
+            except (OSError, ValueError) as e:
+                row["error"] = f"unreadable metrics.json: {' '.join(str(e).split())}"
+        if isinstance(data, dict):
+            _row_from_metrics(row, data)
+        else:
+            _missing_row(row, job, "failed" if metrics_path.is_file() else "missing")
+            if row["status"] == "failed":
+                row["error"] = row.get("error") or "unreadable metrics.json"
+        rows.append(row)
+    rows += _never_started(sweep_dir, rows)
+    rows.sort(key=lambda r: (math.inf if r["num"] is None else r["num"], r["job"]))
+    references = [r for d in joint_dirs for r in collect(d)] if joint_dirs else []
+    add_intransigence(rows, references)
+    return rows
+
+
+def _never_started(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``missing`` rows for the jobs of multirun.yaml that have no folder."""
+    jobs = sweep_jobs(sweep_dir / "multirun.yaml")
+    if not jobs:
+        return []
+    have = {tuple(sorted(r["overrides"])) for r in rows}
+    exclude = _excluded_keys(sweep_dir / "multirun.yaml")
+    varying = varying_keys(jobs) - exclude
+    out = []
+    for num, overrides in enumerate(jobs):
+        if tuple(sorted(overrides)) in have:
+            continue
+        row: dict[str, Any] = {"num": num, "job": job_dirname(num, overrides, varying, exclude), "overrides": overrides}
+        _missing_row(row, None)
+        row["error"] = "never started (no job folder)"
+        out.append(row)
+    return out
+
+
+def _excluded_keys(multirun_yaml: Path) -> set[str]:
+    try:
+        from omegaconf import OmegaConf
+
+        return set(OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or [])
+    except Exception:
+        return set()
+
+
+# ----------------------------------------------------------------------------- intransigence
+def _reference_key(row: dict[str, Any]) -> tuple:
+    return (row.get("benchmark"), row.get("scenario"), _fmt_plain(row.get("seed")), row.get("model"),
+            row.get("optimizer"), row.get("experiment"), _other_overrides(row))
+
+
+def _is_joint_reference(row: dict[str, Any]) -> bool:
+    return (row.get("method") == "joint" and (row.get("method_options") or {}).get("mode") == "cumulative"
+            and row.get("status") == "ok" and bool(row.get("accuracy_matrix")))
+
+
+def add_intransigence(rows: list[dict[str, Any]], references: Iterable[dict[str, Any]] = ()) -> None:
+    """Set ``row["intransigence"]`` (fraction) for every ok row that has a joint reference among
+    ``rows`` or ``references`` (see the module docstring), else None."""
+    from cl_runner.metrics import intransigence
+
+    refs = {}
+    for r in [*references, *rows]:
+        if _is_joint_reference(r):
+            refs.setdefault(_reference_key(r), r)
+    for r in rows:
+        r["intransigence"] = None
+        ref = refs.get(_reference_key(r))
+        if ref is None or r.get("status") != "ok" or not r.get("accuracy_matrix"):
+            continue
+        try:
+            r["intransigence"] = intransigence(r["accuracy_matrix"], ref["accuracy_matrix"])
+        except (ValueError, TypeError, IndexError):
+            pass
+
+
+def _metrics_shown(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    return METRICS + tuple(m for m in OPTIONAL_METRICS if any(r.get(m) is not None for r in rows))
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -179,8 +298,9 @@ def _group_key(row: dict[str, Any]) -> tuple:
 
 
 def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of one setting (all identifying values but the seed) merged: n_ok, n_jobs, seeds, and
-    ``<metric>_mean`` / ``<metric>_std`` over the ok jobs (sample std, None when n_ok < 2)."""
+    """Rows of one setting (all identifying values but the seed) merged: n_ok, n_jobs, seeds,
+    members, and ``<metric>_mean`` / ``<metric>_std`` over the ok jobs (sample std, None when
+    n_ok < 2)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_group_key(r), []).append(r)
@@ -190,10 +310,12 @@ def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         g: dict[str, Any] = dict(zip(GROUP_FIELDS, key))
         g["lambda"] = members[0].get("lambda")
         g["method_options"] = members[0].get("method_options") or {}
+        g["overrides"] = members[0].get("overrides") or []
+        g["members"] = members
         g["n_jobs"] = len(members)
         g["n_ok"] = len(ok)
         g["seeds"] = sorted({r.get("seed") for r in members if r.get("seed") is not None}, key=str)
-        for m in (*METRICS, "wall_time_s"):
+        for m in (*METRICS, *OPTIONAL_METRICS, "wall_time_s"):
             vals = [r[m] for r in ok if r.get(m) is not None and not math.isnan(r[m])]
             g[f"{m}_mean"] = statistics.fmean(vals) if vals else None
             g[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
@@ -204,6 +326,31 @@ def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def has_repeats(rows: Iterable[dict[str, Any]]) -> bool:
     """True when some setting was run with more than one seed."""
     return any(len(g["seeds"]) > 1 or g["n_jobs"] > 1 for g in group(rows))
+
+
+def sweep_status(rows: Iterable[dict[str, Any]]) -> int:
+    """The exit code of a sweep: 0 when every job is ok, 1 otherwise (also for no jobs at all)."""
+    rows = list(rows)
+    return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1
+
+
+# ----------------------------------------------------------------------------- swept keys
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between the jobs (or that only some jobs set), other than
+    the identifying fields, which have columns of their own, and keys that do not change results."""
+    maps = [_override_map(r.get("overrides") or []) for r in rows]
+    keys = {k for m in maps for k in m}
+    out = []
+    for k in sorted(keys):
+        if k in _COVERED or k.startswith("hydra.") or k.startswith("hydra/") or k == "hydra":
+            continue
+        if len({m.get(k) for m in maps}) > 1:
+            out.append(k)
+    return out
+
+
+def _swept_value(item: dict[str, Any], key: str) -> str:
+    return _override_map(item.get("overrides") or []).get(key, "")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -234,8 +381,9 @@ def _varying(rows: list[dict[str, Any]], key: str) -> bool:
 
 
 def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tuple[str, Any]]:
-    """(title, row → cell text) for the per-job tables; model/optimizer/experiment and the other
-    overrides only when they vary; the job folder name only in the markdown (the terminal is narrow)."""
+    """(title, row → cell text) for the per-job tables: the identifying fields, one column per swept
+    key, the metrics (intransigence only when some job has it), time and status; the job folder name
+    only in the markdown (the terminal is narrow)."""
     cols: list[tuple[str, Any]] = [("#", lambda r: _fmt_plain(r.get("num")))]
     if with_job:
         cols.append(("job", lambda r: r["job"]))
@@ -248,32 +396,36 @@ def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tupl
     for extra in ("model", "optimizer", "experiment"):
         if _varying(rows, extra):
             cols.append((extra, lambda r, k=extra: _fmt_plain(r.get(k))))
-    if not with_job and len({_other_overrides(r) for r in rows}) > 1:
-        cols.append(("other", _other_overrides))
+    for key in swept_keys(rows):
+        cols.append((key, lambda r, k=key: _swept_value(r, k)))
     cols.append(("seed", lambda r: _fmt_plain(r.get("seed"))))
-    for m in METRICS:
+    for m in _metrics_shown(rows):
         cols.append((f"{METRIC_TITLES[m]} %", lambda r, k=m: _pct(r.get(k))))
     cols += [("time s", lambda r: _secs(r.get("wall_time_s"))), ("status", lambda r: r.get("status", ""))]
     return cols
 
 
-def _group_columns(groups: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     cols: list[tuple[str, Any]] = [
         ("method", lambda g: _fmt_plain(g.get("method"))),
         ("λ", lambda g: _fmt_plain(g.get("lambda"))),
         ("benchmark", lambda g: _fmt_plain(g.get("benchmark"))),
         ("scenario", lambda g: _fmt_plain(g.get("scenario"))),
     ]
-    for extra in ("model", "optimizer", "experiment", "other"):
+    for extra in ("model", "optimizer", "experiment"):
         if _varying(groups, extra):
             cols.append((extra, lambda g, k=extra: _fmt_plain(g.get(k))))
+    keys = [k for k in swept_keys(rows) if k != "seed"]
+    for key in keys:
+        cols.append((key, lambda g, k=key: _swept_value(g, k)))
     by_method: dict[Any, set[str]] = {}
     for g in groups:
         by_method.setdefault(g.get("method"), set()).add(_options_text(g.get("method_options")))
-    if any(len(v) > 1 for v in by_method.values()):  # only when one method was run with different options
+    # one method run with different options that no swept column explains (e.g. a preset's)
+    if any(len(v) > 1 for v in by_method.values()) and not any(k.startswith("method.") for k in keys):
         cols.append(("options", lambda g: _options_text(g.get("method_options"))))
     cols.append(("ok / jobs", lambda g: f"{g['n_ok']} / {g['n_jobs']}"))
-    for m in METRICS:
+    for m in _metrics_shown(rows):
         cols.append((f"{METRIC_TITLES[m]} %", lambda g, k=m: _pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
     cols.append(("time s", lambda g: _secs(g["wall_time_s_mean"])))
     return cols
@@ -283,7 +435,7 @@ def _md_table(cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(t for t, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(cell(t) for t, _ in cols) + " |", "|" + "---|" * len(cols)]
     for it in items:
         lines.append("| " + " | ".join(cell(f(it)) for _, f in cols) + " |")
     return "\n".join(lines)
@@ -297,10 +449,30 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+def _percent(v: Any) -> Any:
+    return None if v is None else 100.0 * v
+
+
 def _counts(rows: list[dict[str, Any]]) -> str:
-    n = {s: sum(1 for r in rows if r.get("status") == s) for s in ("ok", "failed", "missing")}
-    text = f"{len(rows)} jobs: {n['ok']} ok, {n['failed']} failed"
-    return text + (f", {n['missing']} missing (no metrics.json: crashed or still running)" if n["missing"] else "")
+    """``8 jobs: 5 ok, 1 failed, 1 diverged, 1 missing``: ok and failed always, others when present."""
+    n = {s: sum(1 for r in rows if r.get("status") == s) for s in STATUSES}
+    parts = [f"{n['ok']} ok", f"{n['failed']} failed"] + [f"{n[s]} {s}" for s in STATUSES[2:] if n[s]]
+    return f"{len(rows)} jobs: " + ", ".join(parts)
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Why some metrics are blank, from metrics.json's ``metric_notes`` (dict metric → reason, or text)."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        notes = r.get("metric_notes")
+        if not notes:
+            continue
+        items = notes.items() if isinstance(notes, dict) else [("", notes)]
+        for metric, reason in items:
+            text = f"{metric}: {reason}" if metric else str(reason)
+            seen.setdefault(" ".join(text.split()), []).append(r["job"])
+    return [f"- {text} ({len(jobs)} job{'s' if len(jobs) > 1 else ''}: {', '.join(f'`{j}`' for j in jobs[:3])}"
+            f"{', …' if len(jobs) > 3 else ''})" for text, jobs in seen.items()]
 
 
 # ----------------------------------------------------------------------------- write / print
@@ -310,47 +482,155 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _csv_text(fields: Iterable[str], items: list[dict[str, Any]]) -> str:
-    import io
-
+def _csv_text(fields: Iterable[str], items: list[dict[str, Any]], getters: dict[str, Any] | None = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     fields = list(fields)
+    getters = getters or {}
     w.writerow(fields)
     for it in items:
-        w.writerow([_csv_value(it.get(f)) for f in fields])
+        w.writerow([_csv_value(getters[f](it) if f in getters else it.get(f)) for f in fields])
     return buf.getvalue()
 
 
-def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+def _job_csv(rows: list[dict[str, Any]]) -> str:
+    """summary.csv: metrics as ``<metric>_pct`` (percent, full precision)."""
+    keys = swept_keys(rows)
+    metrics = _metrics_shown(rows)
+    fields = ["num", "job", "status", *IDENTITY, *keys, *(f"{m}_pct" for m in metrics), "wall_time_s",
+              "method_options", "overrides", "error"]
+    getters: dict[str, Any] = {k: (lambda r, k=k: _swept_value(r, k)) for k in keys}
+    getters.update({f"{m}_pct": (lambda r, m=m: _percent(r.get(m))) for m in metrics})
+    return _csv_text(fields, rows, getters)
+
+
+def _grouped_csv(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in swept_keys(rows) if k != "seed"]
+    metrics = _metrics_shown(rows)
+    stats = [f"{m}_pct_{s}" for m in metrics for s in ("mean", "std")]
+    fields = [*GROUP_FIELDS, *keys, "n_jobs", "n_ok", "seeds", *stats, "wall_time_s_mean", "wall_time_s_std"]
+    getters: dict[str, Any] = {k: (lambda g, k=k: _swept_value(g, k)) for k in keys}
+    getters.update({f"{m}_pct_{s}": (lambda g, m=m, s=s: _percent(g[f"{m}_{s}"])) for m in metrics for s in ("mean", "std")})
+    return _csv_text(fields, groups, getters)
+
+
+def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: bool = True) -> tuple[Path, Path]:
     """Write summary.csv and summary.md (and summary_grouped.csv when some setting has several
-    seeds) into ``sweep_dir``; returns (csv_path, md_path)."""
+    seeds; tradeoff.png and its TensorBoard copy when λ varies) into ``sweep_dir``; returns
+    (csv_path, md_path)."""
     sweep_dir = Path(sweep_dir)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    _write_atomic(csv_path, _csv_text(CSV_FIELDS, rows))
+    _write_atomic(csv_path, _job_csv(rows))
 
-    md = [f"# Sweep summary: {sweep_dir.name}", "", _counts(rows) + ". Metrics in % (ACC, BWT, FWT, forgetting, LA = learning accuracy).", ""]
+    metrics_text = "ACC, BWT, FWT, forgetting, LA = learning accuracy"
+    if "intransigence" in _metrics_shown(rows):
+        metrics_text += ", intransigence against the joint (cumulative) job of the same seed and settings"
+    md = [f"# Sweep summary: {sweep_dir.name}", "", f"{_counts(rows)}. Metrics in % ({metrics_text}).", ""]
     md.append(_md_table(_job_columns(rows), rows))
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
-        md += ["", "## Jobs without results", ""]
+        md += ["", "## Jobs without (complete) results", ""]
         for r in failed:
-            reason = r.get("error") or ("no metrics.json (crashed or still running)" if r["status"] == "missing" else "unknown error")
+            reason = r.get("error") or _WHY.get(r["status"], "unknown error")
             md.append(f"- `{r['job']}` ({r['status']}): {reason}")
+    notes = _notes(rows)
+    if notes:
+        md += ["", "## Blank metrics", ""] + notes
     grouped_path = sweep_dir / "summary_grouped.csv"
     if has_repeats(rows):
         groups = group(rows)
         md += [
             "", "## Mean ± std over seeds", "",
             "Over the jobs with status ok; std = sample standard deviation (n − 1).", "",
-            _md_table(_group_columns(groups), groups),
+            _md_table(_group_columns(groups, rows), groups),
         ]
-        fields = [*GROUP_FIELDS, "n_jobs", "n_ok", "seeds"] + [f"{m}_{s}" for m in (*METRICS, "wall_time_s") for s in ("mean", "std")]
-        _write_atomic(grouped_path, _csv_text(fields, groups))
+        _write_atomic(grouped_path, _grouped_csv(groups, rows))
     elif grouped_path.exists():  # a rebuilt summary must not keep a stale grouped table
         grouped_path.unlink()
+    png = sweep_dir / "tradeoff.png"
+    made = False
+    if figure:
+        try:
+            fig = _tradeoff(rows)
+            if fig is not None:
+                tmp = png.with_name("tradeoff.tmp.png")
+                fig.savefig(tmp)
+                tmp.replace(png)
+                made = True
+                md += ["", "## Trade-off", "", "![ACC, BWT and learning accuracy against λ](tradeoff.png)"]
+                _write_tensorboard(sweep_dir, _tradeoff(rows, vertical=True), "\n".join(md))
+        except Exception as e:  # noqa: BLE001 - the tables matter more than the figure
+            print(f"summary: no trade-off figure: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    if not made and png.exists():
+        png.unlink()
     _write_atomic(md_path, "\n".join(md) + "\n")
     return csv_path, md_path
+
+
+def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
+    """The points of the trade-off figure, from the ok jobs: ``series`` (label → [(λ, {metric:
+    (mean, std)})], sorted by λ) for jobs with a λ, ``references`` (label → {metric: (mean, std)})
+    for methods without one (finetune, joint), and the largest number of seeds behind a point.
+    A label is the method plus every other swept setting (benchmark, ``method.fisher_labels=all``…).
+    None when no series has two λ values. Values in percent; std is the sample std (0 for one seed)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    keys = swept_keys(rows)
+    extras = [e for e in ("benchmark", "scenario", "model", "optimizer", "experiment") if _varying(ok, e)]
+
+    def label(r: dict[str, Any]) -> str:
+        swept = [f"{k}={_swept_value(r, k)}" for k in keys if _swept_value(r, k)]
+        return " ".join([str(r.get("method"))] + [str(r.get(e)) for e in extras] + swept)
+
+    def stats(members: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+        out = {}
+        for m in ("acc", "bwt", "learning_accuracy"):
+            vals = [100.0 * r[m] for r in members if r.get(m) is not None and not math.isnan(r[m])]
+            if vals:
+                out[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        return out
+
+    by_lambda: dict[str, dict[float, list]] = {}
+    refs: dict[str, list] = {}
+    for r in ok:
+        if r.get("lambda") is None:
+            refs.setdefault(label(r), []).append(r)
+        else:
+            by_lambda.setdefault(label(r), {}).setdefault(float(r["lambda"]), []).append(r)
+    if not any(len(points) > 1 for points in by_lambda.values()):
+        return None
+    series = {lab: [(lam, stats(ms)) for lam, ms in sorted(points.items())] for lab, points in by_lambda.items()}
+    n = max([len(ms) for points in by_lambda.values() for ms in points.values()] + [len(ms) for ms in refs.values()])
+    return series, {lab: stats(ms) for lab, ms in refs.items()}, n
+
+
+def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
+    data = tradeoff_data(rows)
+    if data is None:
+        return None
+    from cl_runner.tb_extras import tradeoff_figure  # matplotlib: only when there is something to draw
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    where = ", ".join(
+        f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}" for k in ("benchmark", "scenario") if not _varying(ok, k)
+    )
+    return tradeoff_figure(*data, where=where, vertical=vertical)
+
+
+def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
+    """The trade-off figure (image ``sweep/tradeoff``, its panels stacked to stay legible at card
+    size) and summary.md (text ``sweep/summary``) in the TensorBoard run ``summary`` of the sweep
+    folder; a rebuilt summary replaces the old events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cl_runner.tb_extras import figure_to_array
+
+    tb_dir = sweep_dir / "summary"
+    if tb_dir.is_dir():
+        for old in tb_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+    with SummaryWriter(str(tb_dir)) as w:
+        w.add_image("sweep/tradeoff", figure_to_array(fig), 0, dataformats="HWC")
+        w.add_text("sweep/summary", markdown, 0)
 
 
 def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep summary") -> None:
@@ -362,7 +642,8 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
         console = Console()
         if not console.is_terminal:  # pipes and logs: rich would squeeze the tables into 80 columns
             console = Console(width=160)
-    style = {"ok": "green", "failed": "bold red", "missing": "yellow"}
+    style = {"ok": "green", "failed": "bold red", "diverged": "bold red", "missing": "yellow",
+             "interrupted": "yellow", "timeout": "yellow", "cancelled": "yellow"}
     table = Table(title=f"{title}: {_counts(rows)}")
     cols = _job_columns(rows, with_job=False)
     for t, _ in cols:
@@ -378,7 +659,7 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
     if has_repeats(rows):
         groups = group(rows)
         gt = Table(title="Mean ± std over seeds (ok jobs; sample std)")
-        gcols = _group_columns(groups)
+        gcols = _group_columns(groups, rows)
         for t, _ in gcols:
             gt.add_column(t, justify="right" if t.endswith("%") or t in ("λ", "time s", "ok / jobs") else "left")
         for g in groups:
@@ -386,54 +667,78 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
         console.print(gt)
 
 
-def summarize(sweep_dir: str | Path, console=None, quiet: bool = False) -> list[dict[str, Any]]:
-    """collect → write_summary → print_summary; returns the rows."""
-    rows = collect(sweep_dir)
-    csv_path, md_path = write_summary(sweep_dir, rows)
+def summarize(sweep_dir: str | Path, console=None, quiet: bool = False, joint_dirs: Iterable[str | Path] = (),
+              figure: bool = True) -> list[dict[str, Any]]:
+    """collect → write_summary → print_summary; the last lines printed name the summary's path."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir, joint_dirs)
+    csv_path, md_path = write_summary(sweep_dir, rows, figure=figure)
     if not quiet:
         print_summary(rows, console)
-        print(f"summary: {csv_path} and {md_path.name}")
+        also = ["summary.csv"] + [p.name for p in (sweep_dir / "summary_grouped.csv", sweep_dir / "tradeoff.png") if p.exists()]
+        print(f"summary: {md_path.resolve()} (also {', '.join(also)})")
+        print(f"  tensorboard --logdir {sweep_dir.resolve()}")
     return rows
 
 
-#: 0 when every job of the last multirun summarized in this process ended ok, else 1 (cl-run's exit code)
-LAST_STATUS = 0
+# The rows of the last summary the callback built in this process (None: none built), so that
+# ``cl-run`` can end a multirun with ``sys.exit(sweep_status(LAST_ROWS))``.
+LAST_ROWS: list[dict[str, Any]] | None = None
 
 
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, summarize ``hydra.sweep.dir`` from the files on
-    disk (works for any launcher). Never raises: a broken summary must not hide the results."""
+    disk (works for any launcher). Never raises: a broken summary must not hide the results. The
+    rows are kept in ``self.rows`` and the module's ``LAST_ROWS`` (for the multirun's exit code,
+    :func:`sweep_status`)."""
+
+    rows: list[dict[str, Any]] | None = None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        global LAST_ROWS
+        LAST_ROWS = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if not sweep_dir.is_dir():
                 print(f"summary: sweep directory {sweep_dir} does not exist; nothing to summarize", file=sys.stderr)
                 return
-            rows = summarize(sweep_dir)
-            global LAST_STATUS
-            LAST_STATUS = 0 if all(r["status"] == "ok" for r in rows) else 1
+            self.rows = LAST_ROWS = summarize(sweep_dir)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
             print(f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
 
 
+def is_sweep_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "multirun.yaml").is_file() or bool(_job_dirs(path)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``scripts/summarize.py SWEEP_DIR [--quiet]``: rebuild the summary of a finished or partial sweep."""
+    """``cl-run-summary SWEEP_DIR [--joint DIR] [--quiet]``: rebuild and print the summary of a
+    finished, partial or interrupted sweep. Exit code 0 when every job is ok, 1 otherwise, 2 when
+    SWEEP_DIR is not a sweep folder."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="summarize.py",
-        description="Rebuild summary.csv / summary.md of a cl-run sweep directory from its jobs' metrics.json.",
+        prog="cl-run-summary",
+        description="Rebuild summary.csv / summary.md / tradeoff.png of a cl-run sweep directory from its jobs' "
+        "metrics.json and its multirun.yaml. Exit code: 0 all jobs ok, 1 some job not ok, 2 not a sweep folder.",
     )
     parser.add_argument("sweep_dir", help="a sweep directory (outputs/sweeps/<stamp>)")
+    parser.add_argument("--joint", action="append", default=[], metavar="DIR",
+                        help="another sweep folder whose method=joint (cumulative) jobs are the intransigence "
+                        "references (the sweep's own joint jobs are used in any case)")
     parser.add_argument("--quiet", action="store_true", help="write the files without printing the tables")
     args = parser.parse_args(argv)
-    sweep_dir = Path(args.sweep_dir)
-    if not sweep_dir.is_dir():
-        print(f"error: sweep_dir {sweep_dir} is not a directory", file=sys.stderr)
-        return 2
-    if not _job_dirs(sweep_dir):
-        print(f"error: no job folders (with .hydra/ or metrics.json) below {sweep_dir}", file=sys.stderr)
-        return 2
-    summarize(sweep_dir, quiet=args.quiet)
-    return 0
+    for key, path in [("sweep_dir", Path(args.sweep_dir))] + [("--joint", Path(d)) for d in args.joint]:
+        if not path.is_dir():
+            print(f"error: {key} {path} is not a directory", file=sys.stderr)
+            return 2
+        if not is_sweep_dir(path):
+            print(f"error: {key} {path} is not a sweep folder (no multirun.yaml and no job folders with .hydra/ or "
+                  "metrics.json)", file=sys.stderr)
+            return 2
+    rows = summarize(args.sweep_dir, quiet=args.quiet, joint_dirs=args.joint)
+    return sweep_status(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

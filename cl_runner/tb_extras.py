@@ -1,137 +1,213 @@
-"""TensorBoard extras for a run: accuracy-matrix heatmap, custom-scalars layout, HParams, importance.
+"""TensorBoard extras for a run: accuracy-matrix heatmap and per-task curves (matplotlib), HParams,
+importance histograms.
 
-The run's logger (``cl_runner/loggers.py``) calls these four functions; each writes with the run's
-own ``SummaryWriter`` (its ``tb/`` folder), so pointing TensorBoard at a sweep directory shows every
-job of the sweep side by side.
+The run's logger (``cl_runner/loggers.py``) calls these functions with the run's own
+``SummaryWriter``, so pointing TensorBoard at a sweep directory shows every job of the sweep side by
+side.
 
 HParams: each run writes a *session* (start info with its hyperparameters, the ``hparam/<metric>``
-scalars, end info with the status) and deliberately **no experiment summary**. TensorBoard's HParams
+scalars, end info with the status) into its own sub-run ``<run>/hparams`` that holds nothing else,
+so the dashboard offers exactly the headline metrics (it lists every scalar tag of a session's
+run and its sub-runs as a metric). Deliberately **no experiment summary**: TensorBoard's HParams
 plugin then builds the experiment from all sessions under the log directory: the union of the
 hyperparameter names (a method's own options appear as columns; runs without them leave them empty),
 a common type per name, and the scalar tags as metrics. ``SummaryWriter.add_hparams`` instead writes
 one experiment summary per run and the plugin picks one of them arbitrarily, which hides the
 columns of the other methods in a methods × λ sweep (and turns bools into 0/1).
+
+Figures are drawn with matplotlib's Agg canvas (no pyplot, no display), imported only when a
+figure is drawn so that ``cl-run`` start-up does not pay for it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-# Heatmap colours: white (0 %) → blue (100 %); text switches to white on dark cells.
-_LOW = np.array([255.0, 255.0, 255.0])
-_HIGH = np.array([8.0, 69.0, 148.0])
-_MISSING = (200, 200, 200)
-_FONT_PX = 14  # glyph height in pixels (legible at TensorBoard's default image size)
-_MAX_LABEL = 24  # task names longer than this are cut (ending in "~") to keep the image narrow
-
-METRIC_TAGS = ["metrics/acc", "metrics/bwt", "metrics/fwt", "metrics/forgetting"]
-TRAIN_TAGS = ["train/loss", "train/penalty"]
-
-
-def _font(size: int = _FONT_PX) -> tuple[ImageFont.ImageFont, int]:
-    """(font, upscale factor). Pillow >= 10.1 with FreeType has a scalable default font; older
-    Pillow or no FreeType only an ~8-px bitmap font, so the image is then drawn small and
-    enlarged 2x (nearest neighbour) to keep the glyphs >= 10 px."""
-    try:
-        return ImageFont.load_default(size=size), 1
-    except (TypeError, ImportError, OSError, AttributeError):
-        return ImageFont.load_default(), 2
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
+_MAX_LABEL = 18  # task names longer than this are cut (ending in "…") to keep the image narrow
+HEATMAP_CMAP = "Blues"
 
 
 def _short(name: str) -> str:
-    return name if len(name) <= _MAX_LABEL else name[: _MAX_LABEL - 1] + "~"
+    return name if len(name) <= _MAX_LABEL else name[: _MAX_LABEL - 1] + "…"
 
 
-def _cell_colour(acc: float) -> tuple[int, int, int]:
-    a = min(max(acc, 0.0), 1.0)
-    return tuple(int(round(c)) for c in (1.0 - a) * _LOW + a * _HIGH)
+def _figure(width_in: float, height_in: float, dpi: int = 100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def accuracy_heatmap(matrix: list[list[float]], task_names: list[str]) -> np.ndarray:
-    """Render the accuracy matrix R as an RGB image (H, W, 3) uint8 for ``add_image(..., "HWC")``.
+def figure_to_array(fig) -> np.ndarray:
+    """RGB image (H, W, 3) uint8 of a matplotlib figure, for ``add_image(..., dataformats="HWC")``."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
-    ``matrix[i][j]`` = test accuracy on task j after training on task i (a fraction in [0, 1]);
-    rows are labelled "after <task i>", columns "<task j>". Each cell holds its value as a
-    percentage with one decimal (e.g. "97.3") in a 14-px font; the cell colour goes linearly from
-    white (0 %) to dark blue (100 %). Missing values (None/NaN, e.g. tasks not evaluated) are grey
-    with "n/a". Rows and columns may differ in number (rectangular matrices are drawn as given).
-    """
+
+def _as_percent(matrix: Sequence[Sequence[Any]]) -> np.ndarray:
     rows = [list(r) for r in matrix]
-    n_rows = len(rows)
     n_cols = max((len(r) for r in rows), default=0)
-    names = [str(n) for n in task_names]
-    col_labels = [_short(names[j]) if j < len(names) else f"task {j}" for j in range(n_cols)]
-    row_labels = ["after " + (_short(names[i]) if i < len(names) else f"task {i}") for i in range(n_rows)]
+    out = np.full((len(rows), n_cols), np.nan)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                out[i, j] = 100.0 * float(v)
+    return out
 
-    font, scale = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    pad = 6
-    cell_w = max([_text_size(probe, "100.0", font)[0]] + [_text_size(probe, c, font)[0] for c in col_labels]) + 2 * pad
-    text_h = max(_text_size(probe, "Ag100", font)[1], 10)
-    cell_h = text_h + 2 * pad
-    corner = "trained \\ tested"
-    left = max([_text_size(probe, r, font)[0] for r in row_labels] + [_text_size(probe, corner, font)[0]]) + 2 * pad
-    top = cell_h
-    width, height = left + n_cols * cell_w + 1, top + n_rows * cell_h + 1
 
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
+def heatmap_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = ()):
+    """The accuracy matrix R as a matplotlib figure: cell (i, j) = test accuracy (%) on task j after
+    training task i, written in the cell; colour scale ``Blues`` fixed to 0–100 % with a colour
+    bar; missing values (None/NaN) are left white and marked "n/a". Tasks are numbered 1..T on both
+    axes (names would not fit; the Text dashboard and accuracy_matrix.csv have them).
 
-    def centred(box, text, fill):
-        x0, y0, x1, y1 = box
-        tw, th = _text_size(draw, text, font)
-        bx0, by0, _, _ = draw.textbbox((0, 0), text, font=font)
-        draw.text((x0 + (x1 - x0 - tw) / 2 - bx0, y0 + (y1 - y0 - th) / 2 - by0), text, font=font, fill=fill)
-
-    centred((0, 0, left, top), corner, (90, 90, 90))
-    for j, label in enumerate(col_labels):
-        centred((left + j * cell_w, 0, left + (j + 1) * cell_w, top), label, (0, 0, 0))
-    for i, label in enumerate(row_labels):
-        x0, y0 = 0, top + i * cell_h
-        tw, th = _text_size(draw, label, font)
-        bx0, by0, _, _ = draw.textbbox((0, 0), label, font=font)
-        draw.text((left - pad - tw - bx0, y0 + (cell_h - th) / 2 - by0), label, font=font, fill=(0, 0, 0))
+    Sized for TensorBoard's image card (about 330 px wide): the image is kept small with text
+    large relative to it (values ≈ 1/30 of the image width for 5 tasks), so that scaled to card
+    size the values stay ≥ 11 px; up to 6 tasks one decimal, from 7 on whole percents."""
+    values = _as_percent(matrix)
+    n_rows, n_cols = values.shape
+    n = max(n_rows, n_cols, 1)
+    decimals = 1 if n <= 6 else 0
+    cell = 0.55 if n <= 6 else max(0.3, 3.6 / n)
+    fontsize = 11 if n <= 6 else 9 if n <= 12 else 7
+    fig = _figure(1.25 + cell * max(n_cols, 1), 0.75 + cell * max(n_rows, 1))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=HEATMAP_CMAP, vmin=0.0, vmax=100.0, aspect="auto")
+    for i in range(n_rows):
         for j in range(n_cols):
-            v = rows[i][j] if j < len(rows[i]) else None
-            box = (left + j * cell_w, y0, left + (j + 1) * cell_w, y0 + cell_h)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                draw.rectangle(box, fill=_MISSING, outline=(255, 255, 255))
-                centred(box, "n/a", (0, 0, 0))
+            v = values[i, j]
+            text, colour = ("n/a", "0.45") if math.isnan(v) else (f"{v:.{decimals}f}", "white" if v > 60 else "black")
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=colour)
+    step = 1 if n <= 12 else 2
+    ax.set_xticks(range(0, n_cols, step), [str(j + 1) for j in range(0, n_cols, step)], fontsize=10)
+    ax.set_yticks(range(0, n_rows, step), [str(i + 1) for i in range(0, n_rows, step)], fontsize=10)
+    ax.set_xlabel("tested on task", fontsize=10, labelpad=2)
+    ax.set_ylabel("after training task", fontsize=10, labelpad=2)
+    ax.tick_params(length=0, pad=2)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03, ticks=[0, 50, 100])
+    cbar.ax.tick_params(labelsize=9, length=2, pad=1)
+    cbar.set_label("accuracy %", fontsize=9, labelpad=1)
+    fig.tight_layout(pad=0.25)
+    return fig
+
+
+def accuracy_heatmap(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = ()) -> np.ndarray:
+    """:func:`heatmap_figure` as an RGB image (H, W, 3) uint8 for ``add_image(..., "HWC")``.
+    ``matrix[i][j]`` is a fraction in [0, 1] (or None/NaN when missing); rectangular is fine."""
+    return figure_to_array(heatmap_figure(matrix, task_names))
+
+
+def curves_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None):
+    """Per-task accuracy curves: x = tasks trained (0 = the initial model, when ``initial`` is
+    given), y = test accuracy (%) on task j, one colour per task (legend "task": 1..T), solid from
+    the point where task j has been trained, dotted before. The classic continual-learning plot of
+    one run, without TensorBoard's smoothing; sized, like the heatmap, for TensorBoard's card."""
+    values = _as_percent(matrix)
+    n_rows, n_cols = values.shape
+    xs = np.arange(1, n_rows + 1)
+    if initial is not None:
+        values = np.vstack([_as_percent([initial])[:, :n_cols], values])
+        xs = np.arange(0, n_rows + 1)
+    fig = _figure(3.8, 2.9)
+    ax = fig.add_subplot()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n_cols <= 10 else "tab20"]
+    for j in range(n_cols):
+        colour = cmap(j % cmap.N)
+        y = values[:, j]
+        trained = xs >= j + 1  # from the row where task j has been trained
+        ax.plot(xs[trained], y[trained], "-o", color=colour, label=str(j + 1), markersize=3.5, linewidth=1.8)
+        before = xs <= j + 1
+        if before.sum() > 1:
+            ax.plot(xs[before], y[before], ":", color=colour, linewidth=1.0)
+    step = 1 if len(xs) <= 12 else 2
+    ax.set_xticks(xs[::step], ["init" if x == 0 else str(x) for x in xs[::step]], fontsize=10)
+    ax.tick_params(axis="y", labelsize=10)
+    ax.set_xlabel("tasks trained", fontsize=10, labelpad=1)
+    ax.set_ylabel("accuracy on task (%)", fontsize=10, labelpad=1)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(title="task", title_fontsize=10, fontsize=10, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=min(n_cols, 10), frameon=False, handlelength=1.0, columnspacing=0.6, handletextpad=0.3, borderaxespad=0.2)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def accuracy_curves(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = (), initial: Sequence[Any] | None = None) -> np.ndarray:
+    """:func:`curves_figure` as an RGB image (H, W, 3) uint8."""
+    return figure_to_array(curves_figure(matrix, task_names, initial))
+
+
+_TRADEOFF_PANELS = (("acc", "ACC (%)"), ("bwt", "BWT (%)"), ("learning_accuracy", "learning accuracy (%)"))
+
+
+def tradeoff_figure(series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
+                    references: Mapping[str, Mapping[str, tuple[float, float]]], n_seeds: int = 1, where: str = "",
+                    vertical: bool = False):
+    """ACC, BWT and learning accuracy against λ, one panel each, one line per series (method and
+    other swept settings) with a ± std band when there are several seeds; methods without λ
+    (finetune, joint) as dashed horizontal lines. x axis logarithmic; when λ = 0 is among the values
+    it is ``symlog``: linear between 0 and the smallest positive λ, logarithmic above, so 0 sits at
+    the left edge instead of being dropped. ``series``/``references`` as built by
+    ``cl_runner.sweep.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
+    figure, legible at TensorBoard's card size (the sweep folder's PNG has them side by side)."""
+    import matplotlib
+
+    lams = sorted({lam for points in series.values() for lam, _ in points})
+    positive = [x for x in lams if x > 0]
+    fig = _figure(4.6, 10.0) if vertical else _figure(13.5, 4.4)
+    axes = fig.subplots(3, 1) if vertical else fig.subplots(1, 3)
+    colours = matplotlib.colormaps["tab10"]
+    for k, (label, points) in enumerate(series.items()):
+        colour = colours(k % 10)
+        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS):
+            pts = [(lam, st[metric]) for lam, st in points if metric in st]
+            if not pts:
                 continue
-            v = float(v)
-            draw.rectangle(box, fill=_cell_colour(v), outline=(255, 255, 255))
-            centred(box, f"{100.0 * v:.1f}", (255, 255, 255) if v > 0.55 else (0, 0, 0))
-    if scale != 1:
-        img = img.resize((width * scale, height * scale), Image.NEAREST)
-    return np.asarray(img, dtype=np.uint8).copy()
-
-
-def custom_scalars_layout(n_tasks: int) -> dict:
-    """Layout for ``SummaryWriter.add_custom_scalars``: category "continual learning" with three
-    multiline charts: the per-task accuracies (regex ``^acc/task_\\d+$``, one line per task, whatever
-    the numbering; plus ``acc/average_seen``), the stream metrics ``metrics/{acc,bwt,fwt,forgetting}``,
-    and the training curves ``train/{loss,penalty}``. The layout is the same for every run
-    (``n_tasks`` is not needed by the regex): TensorBoard merges identical charts of the runs of a
-    sweep into one chart each instead of repeating them per task count."""
-    return {
-        "continual learning": {
-            "per-task accuracy": ["Multiline", [r"^acc/task_\d+$", r"^acc/average_seen$"]],
-            "ACC / BWT / FWT / forgetting": ["Multiline", [f"^{t}$" for t in METRIC_TAGS]],
-            "train loss / penalty": ["Multiline", [f"^{t}$" for t in TRAIN_TAGS]],
-        }
-    }
+            x = np.array([p[0] for p in pts])
+            mean = np.array([p[1][0] for p in pts])
+            std = np.array([p[1][1] for p in pts])
+            ax.plot(x, mean, "-o", color=colour, label=label, markersize=4, linewidth=1.8)
+            if n_seeds > 1:
+                ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+    for k, (label, st) in enumerate(references.items()):
+        colour = colours((len(series) + k) % 10)
+        for ax, (metric, _) in zip(axes, _TRADEOFF_PANELS):
+            if metric in st:
+                mean, std = st[metric]
+                ax.axhline(mean, color=colour, linestyle="--", linewidth=1.4, label=f"{label} (no λ)")
+                if n_seeds > 1 and std > 0:
+                    ax.axhspan(mean - std, mean + std, color=colour, alpha=0.10, linewidth=0)
+    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS):
+        if 0.0 in lams and positive:
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
+            ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
+        elif positive:
+            ax.set_xscale("log")
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams], fontsize=9)  # exactly the swept values
+        ax.minorticks_off()
+        ax.set_xlabel("λ (log scale" + (", 0 at the left)" if 0.0 in lams and positive else ")"))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    per_row = 2 if vertical else 4
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=9, frameon=False)
+    spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    where = f" — {where}" if where else ""
+    fig.suptitle(f"Trade-off against λ{where}\n({spread})" if vertical else f"Trade-off against λ{where} ({spread})",
+                 fontsize=11 if vertical else 12)
+    legend_h = math.ceil(len(labels) / per_row) * (0.022 if vertical else 0.045)
+    fig.tight_layout(rect=(0, 0.02 + legend_h, 1, 1), h_pad=1.2)
+    return fig
 
 
 def _plain(value: Any) -> int | float | str | bool:
@@ -170,23 +246,31 @@ def _hparams_summary(tag: str, plugin_data) -> Any:
     return summary
 
 
-def write_hparams(writer, hparams: Mapping[str, Any], metrics: Mapping[str, Any], status: str = "ok") -> None:
+def write_hparams(
+    writer, hparams: Mapping[str, Any], metrics: Mapping[str, Any], status: str = "ok",
+    trial: str | None = None, step: int = 0,
+) -> None:
     """Record this run as an HParams session in the writer's own folder (what
     ``add_hparams(..., run_name=".")`` does, minus the per-run experiment summary; see the module
-    docstring).
+    docstring). The logger gives it a writer of its own (``<run>/hparams``).
 
     ``hparams`` values are converted with :func:`_plain` (None → "none", lists → JSON string,
-    bools stay bools). Each metric is written as the scalar ``hparam/<name>`` at step 0 (a name
-    that already starts with ``hparam/`` is kept); a None metric (e.g. FWT of a one-task stream) is
-    left out, so the run shows an empty cell. Every run is its own session group (the group name
-    is a hash of all its hyperparameters, seed included: the dashboard copies one session's values
-    into a group's row, so grouping seeds would show a wrong seed; summary.md has the mean ± std).
-    ``status`` "ok" → STATUS_SUCCESS, anything else → STATUS_FAILURE.
+    bools stay bools). Each metric is written once, as the scalar ``hparam/<name>`` at ``step`` (a
+    name that already starts with ``hparam/`` is kept); a None metric (e.g. FWT of a one-task
+    stream, BWT of joint training on all tasks at once) is left out, so the run shows an empty
+    cell. Every run is its own session group, named ``trial`` (the dashboard's trial id; the logger
+    passes the run's folder name, e.g. ``3_lambda=10,method=ewc (2025-01-01_12-00-00)``); without
+    a name, a hash of all hyperparameters. Seeds are never grouped: the dashboard copies one
+    session's values into a group's row, so grouping seeds would show a wrong seed (summary.md has
+    the mean ± std). ``status`` "ok" → STATUS_SUCCESS, "failed"/"diverged" → STATUS_FAILURE,
+    anything else (interrupted, cancelled, timeout: resumable) → STATUS_UNKNOWN.
     """
+    import hashlib
+
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     values = {str(k): _plain(v) for k, v in hparams.items()}
-    group_name = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    group_name = trial or hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     start = plugin_data_pb2.SessionStartInfo(group_name=group_name, start_time_secs=time.time())
     for name in sorted(values):
@@ -209,9 +293,10 @@ def write_hparams(writer, hparams: Mapping[str, Any], metrics: Mapping[str, Any]
         if value is None:
             continue
         tag = name if str(name).startswith("hparam/") else f"hparam/{name}"
-        writer.add_scalar(tag, _metric_value(value), 0)
+        writer.add_scalar(tag, _metric_value(value), step)
+    code = {"ok": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE, "diverged": api_pb2.STATUS_FAILURE}
     end = plugin_data_pb2.SessionEndInfo(
-        status=api_pb2.STATUS_SUCCESS if status == "ok" else api_pb2.STATUS_FAILURE,
+        status=code.get(status, api_pb2.STATUS_UNKNOWN),
         end_time_secs=time.time(),
     )
     fw.add_summary(
@@ -224,14 +309,16 @@ def write_hparams(writer, hparams: Mapping[str, Any], metrics: Mapping[str, Any]
     writer.flush()
 
 
-def write_importance_histograms(writer, importance: Mapping[str, Any], task: int) -> None:
-    """One histogram per parameter tensor of the importance (Fisher diagonal, SI's Ω, MAS's Ω) after
-    task ``task``: tag ``importance/<param name with dots as slashes>`` (e.g.
-    ``importance/body/0/weight``), step = task index. Values are taken as they are (float64 on
-    the CPU); empty tensors are skipped."""
+def write_importance_histograms(writer, importance: Mapping[str, Any], step: int) -> None:
+    """One histogram per parameter tensor of the importance (Fisher diagonal, SI's Ω, MAS's Ω):
+    tag ``importance/<param name with dots as slashes>`` (e.g. ``importance/body/0/weight``) at
+    ``step`` (the logger passes the optimizer step at which the task ended). Values are taken as
+    they are (float64 on the CPU); non-finite entries are left out (TensorBoard refuses a histogram
+    of NaNs; a diverged run is reported by the trainer), empty tensors are skipped."""
     for name, value in importance.items():
         t = value.detach() if hasattr(value, "detach") else value
         arr = np.asarray(t.float().cpu().numpy() if hasattr(t, "cpu") else t, dtype=np.float64).ravel()
+        arr = arr[np.isfinite(arr)]
         if arr.size == 0:
             continue
-        writer.add_histogram("importance/" + str(name).replace(".", "/"), arr, int(task))
+        writer.add_histogram("importance/" + str(name).replace(".", "/"), arr, int(step))

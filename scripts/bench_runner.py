@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.finetune import Finetune
 from cl_runner.models.mlp import MLP
+from cl_runner.runfiles import save_checkpoint
 from cl_runner.trainer import Trainer, evaluate
 
 
@@ -69,8 +71,9 @@ def plain_loop(x, y, hidden, steps, batch_size, lr, device) -> float:
     return time.perf_counter() - start
 
 
-def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, float]:
-    """cl-runner's Trainer on one task: (training-loop seconds, evaluation seconds)."""
+def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, float, float]:
+    """cl-runner's Trainer on one task: (training-loop seconds, evaluation seconds, seconds to save
+    the task's checkpoint as a run does after every task: model, optimizer, method, generators)."""
     torch.manual_seed(0)
     model = MLP(stream.input_shape, stream.n_outputs, hidden).to(device)
     one = TaskStream(stream.name, stream.scenario, stream.tasks[:1], stream.n_outputs, stream.input_shape)
@@ -84,7 +87,7 @@ def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, f
         seed=0,
     )
     trainer.method.setup(model, one)
-    opt = trainer.make_optimizer(model)
+    opt = trainer.optimizer = trainer.make_optimizer(model)
     data = trainer.method.training_data(one, 0)
     sync(device)
     start = time.perf_counter()
@@ -94,7 +97,12 @@ def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, f
     start = time.perf_counter()
     evaluate(model, stream, 0)
     sync(device)
-    return train_s, time.perf_counter() - start
+    eval_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        save_checkpoint(folder, {"trainer": trainer.state_dict()})
+        checkpoint_s = time.perf_counter() - start
+    return train_s, eval_s, checkpoint_s
 
 
 def main() -> None:
@@ -118,13 +126,15 @@ def main() -> None:
 
     plain_loop(x, y, **{**common, "steps": 20})  # warm-up (allocator, kernels)
     runner_loop(stream, **{**common, "steps": 20})
-    plain, runner, evals = [], [], []
+    plain, runner, evals, ckpts = [], [], [], []
     for _ in range(args.repeats):
         plain.append(plain_loop(x, y, **common))
-        r, e = runner_loop(stream, **common)
+        r, e, c = runner_loop(stream, **common)
         runner.append(r)
         evals.append(e)
+        ckpts.append(c)
     p, r, e = statistics.median(plain), statistics.median(runner), statistics.median(evals)
+    c = statistics.median(ckpts)
     n_test = sum(len(t.y_test) for t in stream)
     print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
     print(f"data: {source}; {len(stream)} tasks built and moved to the device in {build_s:.2f}s")
@@ -132,6 +142,8 @@ def main() -> None:
     print(f"plain PyTorch loop : {p:.3f}s  ({1000 * p / args.steps:.2f} ms/step)")
     print(f"cl-runner Trainer  : {r:.3f}s  ({1000 * r / args.steps:.2f} ms/step)")
     print(f"ratio runner/plain : {r / p:.3f}  (target <= 1.15)")
+    print(f"checkpoint per task: {1000 * c:.1f} ms; runner + one checkpoint per {args.steps} steps / plain: "
+          f"{(r + c) / p:.3f}  (target <= 1.10)")
     print(f"evaluation of {n_test} test images on {len(stream)} tasks: {e:.3f}s")
 
 

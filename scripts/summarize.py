@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Rebuild the summary (summary.csv, summary.md, summary_grouped.csv) of a finished or partial sweep.
+"""Rebuild the summary (summary.csv, summary.md, summary_grouped.csv, tradeoff.png) of a finished,
+partial or interrupted sweep: a thin wrapper around ``cl-run-summary`` (cl_runner/sweep.py).
 
-    python scripts/summarize.py outputs/sweeps/2025-01-01_12-00-00 [--quiet]
+    python scripts/summarize.py outputs/sweeps/2025-01-01_12-00-00 [--joint DIR] [--quiet]
 
-Reads every job folder's metrics.json (jobs without one are listed as "missing") and prints the
-tables; the same code runs as the Hydra callback at the end of each multirun (cl_runner/sweep.py).
+Jobs without metrics.json, and jobs of the sweep's multirun.yaml that never got a folder, are
+listed as "missing". Exit code 0 when every job is ok, 1 otherwise, 2 for a path that is not a sweep.
 """
 
 import sys

@@ -25,7 +25,7 @@ def test_run_writes_consistent_files(finished_run):
     out, proc = finished_run
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "ok"
-    assert (m["method"], m["benchmark"], m["scenario"], m["seed"]) == ("finetune", "split_digits", "domain", 0)
+    assert (m["method"], m["benchmark"], m["scenario"], m["seed"]) == ("finetune", "permuted_digits", "domain", 0)
     R = m["accuracy_matrix"]
     assert len(R) == 5 and all(len(r) == 5 for r in R)
     assert m["acc"] == pytest.approx(sum(R[-1]) / 5)
@@ -39,19 +39,30 @@ def test_run_writes_consistent_files(finished_run):
 def test_tensorboard_events_hold_the_same_matrix(finished_run):
     out, _ = finished_run
     m = json.loads((out / "metrics.json").read_text())
-    ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    # events in the run folder itself (TensorBoard names the run after it), percent, step = optimizer steps
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     ea.Reload()
     R = m["accuracy_matrix"]
+    per_task = m["steps"] // 5  # the five tasks of the default stream have the same number of steps
     for j in range(5):
         events = ea.Scalars(f"acc/task_{j + 1}")
-        assert [e.step for e in events] == [1, 2, 3, 4, 5]
-        assert [e.value for e in events] == pytest.approx([R[i][j] for i in range(5)], abs=1e-6)
-    assert ea.Scalars("metrics/acc")[-1].value == pytest.approx(m["acc"], abs=1e-6)
-    assert ea.Scalars("metrics/bwt")[-1].value == pytest.approx(m["bwt"], abs=1e-6)
+        assert [e.step for e in events] == [0] + [per_task * (i + 1) for i in range(5)]
+        assert [e.value for e in events] == pytest.approx(
+            [100 * m["initial_accuracy"][j]] + [100 * R[i][j] for i in range(5)], abs=1e-4)
+    hp = EventAccumulator(str(out / "hparams"), size_guidance={"scalars": 0})
+    hp.Reload()
+    assert hp.Scalars("hparam/acc")[-1].value == pytest.approx(100 * m["acc"], abs=1e-4)
+    assert hp.Scalars("hparam/bwt")[-1].value == pytest.approx(100 * m["bwt"], abs=1e-4)
     assert len(ea.Scalars("train/loss")) == m["steps"]
     assert len(ea.Scalars("train/penalty")) == m["steps"]
     text = make_ndarray(ea.Tensors("accuracy_matrix/text_summary")[-1].tensor_proto).item().decode()
     assert f"{100 * R[4][0]:.2f}" in text and text.count("| T") >= 5
+
+
+def test_run_ends_by_naming_its_folder(finished_run):
+    out, proc = finished_run
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0] == f"results (ok): {out}" and last[1].strip() == f"tensorboard --logdir {out}"
 
 
 def test_help_lists_groups_and_options():
@@ -76,7 +87,7 @@ def test_same_seed_same_matrix_other_seed_other_matrix(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_finetune_forgets_on_split_digits_domain_il(tmp_path, seed):
-    m = _run(tmp_path, f"seed={seed}", "scenario=domain")
+    m = _run(tmp_path, f"seed={seed}", "scenario=domain", "benchmark=split_digits", "optimizer=adam")
     R = m["accuracy_matrix"]
     assert R[0][0] > 0.95  # the first task was learned ...
     assert R[0][0] - R[-1][0] > 0.15  # ... and then clearly forgotten
@@ -84,7 +95,7 @@ def test_finetune_forgets_on_split_digits_domain_il(tmp_path, seed):
 
 
 def test_class_il_finetune_forgets_everything_but_the_last_task(tmp_path):
-    R = _run(tmp_path, "scenario=class", "epochs=5")["accuracy_matrix"]
+    R = _run(tmp_path, "scenario=class", "epochs=5", "benchmark=split_digits", "optimizer=adam")["accuracy_matrix"]
     assert all(a < 0.1 for a in R[-1][:-1]) and R[-1][-1] > 0.9
 
 

@@ -557,7 +557,7 @@ def from_cfg(cfg):
 
 def test_configs_defaults_cli_overrides_and_protocol():
     ewc = from_cfg(compose("method=ewc"))
-    assert (ewc.strength, ewc.half, ewc.fisher_labels, ewc.fisher_samples) == (1e7, True, "pred", None)
+    assert (ewc.strength, ewc.half, ewc.fisher_labels, ewc.fisher_samples) == (1000, True, "all", None)
     ewc = from_cfg(compose("method=ewc", "method.fisher_labels=all", "lambda=5", "method.fisher_samples=100"))
     assert (ewc.strength, ewc.fisher_labels, ewc.fisher_samples) == (5.0, "all", 100)
     assert from_cfg(compose("method=ewc", "method.fisher_labels=true")).fisher_labels == "true"

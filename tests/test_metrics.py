@@ -62,3 +62,17 @@ def test_single_task_leaves_transfer_undefined():
 def test_non_square_matrix_is_refused():
     with pytest.raises(ValueError, match="square"):
         average_accuracy([[0.1, 0.2]])
+
+
+def test_intransigence_is_joint_diagonal_minus_own_diagonal():
+    from cl_runner.metrics import intransigence
+
+    # joint reference J trained on tasks 0..k at stage k (hand-written): its diagonal is 0.95, 0.90, 0.97
+    J = [[0.95, 0.30, 0.20], [0.93, 0.90, 0.25], [0.92, 0.88, 0.97]]
+    # (0.95 - 0.90) + (0.90 - 0.80) + (0.97 - 0.95), over T = 3 tasks
+    assert intransigence(R, J) == pytest.approx((0.05 + 0.10 + 0.02) / 3)
+    assert intransigence(J, J) == 0.0
+    # a method that learns each new task better than the reference has negative intransigence
+    assert intransigence(J, R) == pytest.approx(-(0.05 + 0.10 + 0.02) / 3)
+    with pytest.raises(ValueError, match="tasks"):
+        intransigence(R, [[0.9]])

@@ -51,7 +51,7 @@ def resolved(cfg) -> dict:
 
 
 def test_all_named_presets_exist():
-    assert set(HSU + VDV + ["seeds_mnist_fashion"]) <= set(PRESETS)
+    assert set(HSU + VDV + ["seeds_ewc_mnist_fashion", "seeds_ewc_tradeoff"]) <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", HSU)
@@ -122,11 +122,13 @@ def test_van_de_ven_presets_match_protocol_b(preset):
     assert resolved(compose(f"experiment={preset}", "method=joint"))["method"]["mode"] == "cumulative"
 
 
-def test_seeds_mnist_fashion_preset():
-    cfg = resolved(compose("experiment=seeds_mnist_fashion", "method=ewc"))
+def test_seeds_mnist_fashion_presets():
+    # seeds_mnist_fashion became seeds_ewc_mnist_fashion (D1) and seeds_ewc_tradeoff (D2);
+    # tests/test_seeds_presets.py checks every value of both against PROTOCOLS.md
+    cfg = resolved(compose("experiment=seeds_ewc_mnist_fashion", "method=ewc"))
     assert cfg["scenario"] == "domain" and cfg["benchmark"]["datasets"] == ["mnist", "fashion_mnist"]
-    assert cfg["model"]["hidden"] == [256] and cfg["lambda"] == 10000
-    bn = resolved(compose("experiment=seeds_mnist_fashion", "model=mlp_seed_bn"))
+    assert cfg["model"]["hidden"] == [256] and cfg["lambda"] == 1000
+    bn = resolved(compose("experiment=seeds_ewc_tradeoff", "method=ewc"))
     assert bn["model"]["hidden"] == [256, 128] and bn["model"]["batch_norm"] is True
 
 

@@ -114,13 +114,14 @@ def test_write_summary_csv_matches_metrics_and_marks_failures(mixed_sweep):
         m = mixed_sweep / line["job"] / "metrics.json"
         if line["status"] == "ok":
             data = json.loads(m.read_text())
-            for k in ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "wall_time_s"):
-                assert float(line[k]) == data[k]  # full precision, no rounding
+            for k in ("acc", "bwt", "fwt", "forgetting", "learning_accuracy"):
+                assert float(line[f"{k}_pct"]) == pytest.approx(100 * data[k], rel=1e-12)  # percent, no rounding
+            assert float(line["wall_time_s"]) == data["wall_time_s"]
             assert float(line["lambda"]) == data["lambda"] and line["method"] == data["method"]
     status = {line["num"]: line["status"] for line in table}
     assert status == {"0": "ok", "1": "ok", "2": "failed", "3": "missing", "10": "ok"}
     failed = next(line for line in table if line["num"] == "2")
-    assert failed["acc"] == "" and failed["error"] == "lambda must be >= 0, got -1"
+    assert failed["acc_pct"] == "" and failed["error"] == "lambda must be >= 0, got -1"
     md = md_path.read_text()
     assert "5 jobs: 3 ok, 1 failed, 1 missing" in md
     assert "| 0 | 0_lambda=1,method=l2 | l2 | 1 | split_digits | domain | 0 | 81.23 |" in md
@@ -149,10 +150,10 @@ def test_grouped_mean_std_over_seeds(tmp_path):
     g10 = next(g for g in grouped if g["lambda"] == "10.0")
     g5 = next(g for g in grouped if g["other"] == "epochs=5")
     assert (g1["n_jobs"], g1["n_ok"], g10["n_jobs"], g10["n_ok"]) == ("3", "3", "3", "2")
-    assert float(g1["acc_mean"]) == pytest.approx(statistics.fmean([0.81, 0.77, 0.92]))
-    assert float(g1["acc_std"]) == pytest.approx(statistics.stdev([0.81, 0.77, 0.92]))  # n - 1
-    assert float(g10["acc_mean"]) == pytest.approx(0.62) and float(g10["acc_std"]) == pytest.approx(0.0282842712)
-    assert float(g5["acc_mean"]) == pytest.approx(0.2)
+    assert float(g1["acc_pct_mean"]) == pytest.approx(100 * statistics.fmean([0.81, 0.77, 0.92]))
+    assert float(g1["acc_pct_std"]) == pytest.approx(100 * statistics.stdev([0.81, 0.77, 0.92]))  # n - 1
+    assert float(g10["acc_pct_mean"]) == pytest.approx(62.0) and float(g10["acc_pct_std"]) == pytest.approx(2.82842712)
+    assert float(g5["acc_pct_mean"]) == pytest.approx(20.0)
     md = (tmp_path / "summary.md").read_text()
     assert "## Mean ± std over seeds" in md
     assert f"{100 * statistics.fmean([0.81, 0.77, 0.92]):.2f} ± {100 * statistics.stdev([0.81, 0.77, 0.92]):.2f}" in md
@@ -185,6 +186,7 @@ def test_callback_summarizes_and_never_raises(mixed_sweep, monkeypatch, capsys):
     cb = sweep.SummaryCallback()
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep)}}}))
     assert len(_read_csv(mixed_sweep / "summary.csv")) == 5
+    assert len(sweep.LAST_ROWS) == 5 and sweep.sweep_status(sweep.LAST_ROWS) == 1  # for cl-run's exit code
 
     def broken(*a, **k):
         raise RuntimeError("disk full\nsecond line")
@@ -202,7 +204,7 @@ def test_summarize_script(mixed_sweep, tmp_path):
     script = REPO / "scripts" / "summarize.py"
     (mixed_sweep / "summary.csv").unlink(missing_ok=True)
     res = subprocess.run([sys.executable, str(script), str(mixed_sweep)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1, res.stderr  # a failed and a missing job
     assert len(_read_csv(mixed_sweep / "summary.csv")) == 5 and "Sweep summary" in res.stdout
     for bad in (tmp_path / "does-not-exist", tmp_path / "empty"):
         if bad.name == "empty":
@@ -250,31 +252,34 @@ def test_lambda_sweep_basic_launcher(tmp_path):
     out = tmp_path / "sweep"
     res = _cl_run("method=l2", "lambda=0.1,1,10", *FAST, f"hydra.sweep.dir={out}")
     jobs = _job_folders(out)
-    assert [j.name for j in jobs] == [
-        f"{i}_batch_size=64,benchmark.n_tasks=2,epochs=1,lambda={lam},method=l2" for i, lam in enumerate(["0.1", "1", "10"])
-    ]
+    assert [j.name for j in jobs] == [f"{i}_lambda={lam}" for i, lam in enumerate(["0.1", "1", "10"])]  # what varies
     table = _read_csv(out / "summary.csv")
     assert len(table) == 3 and (out / "summary.md").is_file()
     assert "Sweep summary: 3 jobs: 3 ok, 0 failed" in res.stdout
     for job, line in zip(jobs, table):
         data = json.loads((job / "metrics.json").read_text())
         assert line["job"] == job.name and line["status"] == "ok"
-        assert float(line["acc"]) == data["acc"] and float(line["lambda"]) == data["lambda"]
-        # the run's HParams session, read back from its event files
-        acc = EventAccumulator(str(job / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+        assert float(line["acc_pct"]) == pytest.approx(100 * data["acc"]) and float(line["lambda"]) == data["lambda"]
+        # the run's HParams session, read back from its event files (sub-run <job>/hparams)
+        acc = EventAccumulator(str(job / "hparams"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
         acc.Reload()
         content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
         start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
         assert start.hparams["lambda"].number_value == pytest.approx(data["lambda"])
         assert start.hparams["method"].string_value == "l2"
-        assert acc.Scalars("hparam/acc")[0].value == pytest.approx(data["acc"], abs=1e-6)
-        assert "accuracy_matrix/heatmap" in acc.Tags()["images"]
+        assert acc.Scalars("hparam/acc")[0].value == pytest.approx(100 * data["acc"], abs=1e-4)
+        main = EventAccumulator(str(job), size_guidance={"images": 0})
+        main.Reload()
+        assert "accuracy_matrix/heatmap" in main.Tags()["images"]
     # pointed at the sweep directory, the HParams dashboard lists the three runs together
     from test_tb_extras import _hparams_dashboard
 
     exp, groups = _hparams_dashboard(out)
     sessions = {s.name for g in groups for s in g.sessions}
-    assert sessions == {f"{j.name}/tb" for j in jobs}
+    assert sessions == {f"{j.name}/hparams" for j in jobs}
+    assert {g.name for g in groups} == {f"{j.name} ({out.name})" for j in jobs}  # readable trial names
+    assert (out / "tradeoff.png").is_file()  # λ varies
+    assert res.stdout.strip().splitlines()[-2] == f"summary: {out.resolve() / 'summary.md'} (also summary.csv, tradeoff.png)"
     lam = next(h for h in exp.hparam_infos if h.name == "lambda")
     assert (lam.domain_interval.min_value, lam.domain_interval.max_value) == (0.1, 10.0)
 
@@ -291,8 +296,8 @@ def test_failed_job_is_a_failed_row_under_joblib(tmp_path):
             f"hydra.sweep.dir={out}", code=1)
     table = _read_csv(out / "summary.csv")
     assert [(t["num"], t["status"]) for t in table] == [("0", "ok"), ("1", "failed")]
-    assert "epochs" in table[1]["error"] and table[1]["acc"] == ""
-    assert float(table[0]["acc"]) == json.loads((out / table[0]["job"] / "metrics.json").read_text())["acc"]
+    assert "epochs" in table[1]["error"] and table[1]["acc_pct"] == ""
+    assert float(table[0]["acc_pct"]) == pytest.approx(100 * json.loads((out / table[0]["job"] / "metrics.json").read_text())["acc"])
     md = (out / "summary.md").read_text()
     assert "2 jobs: 1 ok, 1 failed" in md and "(failed): epochs must be a positive integer" in md
 
@@ -308,6 +313,248 @@ def test_submitit_local_sweep_is_summarized(tmp_path):
     table = _read_csv(out / "summary.csv")
     assert [t["seed"] for t in table] == ["0", "1"] and all(t["status"] == "ok" for t in table)
     for job, line in zip(jobs, table):
-        assert float(line["acc"]) == json.loads((job / "metrics.json").read_text())["acc"]
+        assert float(line["acc_pct"]) == pytest.approx(100 * json.loads((job / "metrics.json").read_text())["acc"])
     grouped = _read_csv(out / "summary_grouped.csv")  # two seeds of one setting
     assert len(grouped) == 1 and grouped[0]["n_ok"] == "2"
+
+
+# ----------------------------------------------------------------------------- issue 9: what was swept
+@pytest.mark.slow
+def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
+    """The two jobs differ only in method.fisher_labels: it gets a column in summary.csv, summary.md
+    and the printed table; the folders are named by it; the last line names the summary."""
+    out = tmp_path / "sweep"
+    res = _cl_run("method=ewc", "lambda=1", "method.fisher_labels=pred,all", "epochs=1", "threads=1",
+                  "benchmark.n_tasks=2", "device=cpu", f"hydra.sweep.dir={out}")
+    assert [j.name for j in _job_folders(out)] == ["0_method.fisher_labels=pred", "1_method.fisher_labels=all"]
+    table = _read_csv(out / "summary.csv")
+    assert [t["method.fisher_labels"] for t in table] == ["pred", "all"]
+    for t in table:  # the column holds what the job really ran with
+        data = json.loads((out / t["job"] / "metrics.json").read_text())
+        assert data["method_options"]["fisher_labels"] == t["method.fisher_labels"]
+    md = (out / "summary.md").read_text()
+    assert "| method.fisher_labels |" in md.splitlines()[4] and "| pred |" in md and "| all |" in md
+    header = next(line for line in res.stdout.splitlines() if "method.fisher_labels" in line and "ACC %" in line)
+    assert header.index("method.fisher_labels") < header.index("ACC %")  # the printed table's header row
+    assert res.stdout.strip().splitlines()[-2].startswith(f"summary: {out.resolve() / 'summary.md'}")
+    # rebuilding: same table, exit code 0 (all ok); a job folder removed → a missing row named like it
+    summary = subprocess.run([sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True,
+                             text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    import shutil
+
+    shutil.rmtree(out / "1_method.fisher_labels=all")
+    rows = sweep.collect(out)
+    assert [(r["num"], r["job"], r["status"]) for r in rows] == [
+        (0, "0_method.fisher_labels=pred", "ok"), (1, "1_method.fisher_labels=all", "missing")]
+    assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
+    summary = subprocess.run([sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True,
+                             text=True, timeout=120)
+    assert summary.returncode == 1
+
+
+def test_swept_keys_only_those_that_vary(tmp_path):
+    for n, (labels, epochs) in enumerate([("pred", 3), ("all", 3), ("pred", 5)]):
+        _job(tmp_path, f"{n}_x", _metrics(0.5 + n / 10, method="ewc", method_options={"fisher_labels": labels}),
+             ["method=ewc", "lambda=1", f"method.fisher_labels={labels}", f"epochs={epochs}", "threads=1", "seed=0"])
+    rows = sweep.collect(tmp_path)
+    assert sweep.swept_keys(rows) == ["epochs", "method.fisher_labels"]  # not lambda (own column), threads, seed
+    sweep.write_summary(tmp_path, rows)
+    table = _read_csv(tmp_path / "summary.csv")
+    assert [(t["method.fisher_labels"], t["epochs"]) for t in table] == [("pred", "3"), ("all", "3"), ("pred", "5")]
+    assert "threads" not in table[0]
+
+
+# ----------------------------------------------------------------------------- issue 8: statuses, missing jobs
+def test_statuses_are_kept_counted_and_only_ok_rows_are_averaged(tmp_path):
+    statuses = ["ok", "ok", "diverged", "interrupted", "cancelled", "timeout", "bogus"]
+    for seed, st in enumerate(statuses):
+        m = _metrics(0.5 + seed / 100, seed=seed, status=st, error=None if st == "ok" else f"{st} happened")
+        if st == "diverged":  # keeps its finished rows; metrics null
+            m.update(acc=None, bwt=None, accuracy_matrix=[[0.9, 0.1]])
+        _job(tmp_path, f"{seed}_seed={seed}", m, [f"seed={seed}"])
+    _job(tmp_path, "7_seed=7", None, ["seed=7"])
+    rows = sweep.collect(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "ok", "diverged", "interrupted", "cancelled", "timeout", "failed", "missing"]
+    assert "unknown status 'bogus'" not in (rows[6]["error"] or "")  # its own error is kept
+    assert sweep.sweep_status(rows) == 1 and sweep.sweep_status(rows[:2]) == 0 and sweep.sweep_status([]) == 1
+    (g,) = [g for g in sweep.group(rows) if g["method"] == "l2"]  # the missing job has no identity
+    assert g["n_ok"] == 2 and g["acc_mean"] == pytest.approx((0.50 + 0.51) / 2)  # interrupted 0.53 etc. left out
+    sweep.write_summary(tmp_path, rows, figure=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "8 jobs: 2 ok, 1 failed, 1 diverged, 1 interrupted, 1 cancelled, 1 timeout, 1 missing" in md
+    assert "`2_seed=2` (diverged): diverged happened" in md
+    assert {t["status"] for t in _read_csv(tmp_path / "summary.csv")} == set(sweep.STATUSES)
+
+
+def _multirun_yaml(root: Path, task: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "overrides": {"task": task, "hydra": []}, "sweeper": {"params": None},
+        "job": {"config": {"override_dirname": {"exclude_keys": ["data_dir", "device"]}}}}}))
+
+
+def test_jobs_that_never_started_are_missing_rows_from_multirun_yaml(tmp_path):
+    _multirun_yaml(tmp_path, ["method=l2", "lambda=1,10", "seed=range(3)", "device=cpu"])
+    from cl_runner.identity import sweep_jobs
+
+    jobs = sweep_jobs(tmp_path / "multirun.yaml")
+    assert jobs[:2] == [["method=l2", "lambda=1", "seed=0", "device=cpu"], ["method=l2", "lambda=1", "seed=1", "device=cpu"]]
+    assert len(jobs) == 6
+    # jobs 0 and 4 ran (folder names need not match: jobs are matched by their overrides)
+    _job(tmp_path, "0_whatever", _metrics(0.8, seed=0), jobs[0])
+    _job(tmp_path, "4_lambda=10,seed=1", _metrics(0.7, lam=10.0, seed=1), jobs[4])
+    rows = sweep.collect(tmp_path)
+    assert [(r["num"], r["status"]) for r in rows] == [
+        (0, "ok"), (1, "missing"), (2, "missing"), (3, "missing"), (4, "ok"), (5, "missing")]
+    missing = {r["num"]: r for r in rows if r["status"] == "missing"}
+    assert missing[5]["job"] == "5_lambda=10,seed=2" and missing[1]["job"] == "1_lambda=1,seed=1"
+    assert (missing[5]["method"], missing[5]["lambda"], missing[5]["seed"]) == ("l2", 10, 2)
+    assert "never started" in missing[5]["error"]
+    assert sweep.main([str(tmp_path), "--quiet"]) == 1
+
+
+def test_null_metrics_are_blank_never_zero_and_notes_say_why(tmp_path):
+    m = _metrics(0.97, method="joint", lam=None, method_options={"mode": "all"})
+    m.update(bwt=None, forgetting=None, learning_accuracy=None,
+             metric_notes={"bwt": "mode=all trains only at the last task"})
+    _job(tmp_path, "0_method=joint", m, ["method=joint"])
+    rows = sweep.collect(tmp_path)
+    sweep.write_summary(tmp_path, rows, figure=False)
+    (line,) = _read_csv(tmp_path / "summary.csv")
+    assert (line["bwt_pct"], line["forgetting_pct"], line["learning_accuracy_pct"]) == ("", "", "")
+    md = (tmp_path / "summary.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| 0 |"))
+    assert "| 97.00 |  |" in row and "0.00" not in row
+    assert "bwt: mode=all trains only at the last task" in md
+
+
+# ----------------------------------------------------------------------------- intransigence
+J = [[0.95, 0.30], [0.93, 0.90]]  # joint (cumulative) reference: diagonal 0.95, 0.90
+
+
+def _with_matrix(acc, matrix, **kw):
+    m = _metrics(acc, **kw)
+    m["accuracy_matrix"] = matrix
+    return m
+
+
+def test_intransigence_against_the_joint_job_of_the_same_seed(tmp_path):
+    n = 0
+    for seed in (0, 1):
+        _job(tmp_path, f"{n}_method=joint,seed={seed}", _with_matrix(0.9, [[0.95, 0.3], [0.93, 0.90 - seed / 10]],
+             method="joint", lam=None, seed=seed, method_options={"mode": "cumulative"}), ["method=joint", f"seed={seed}"])
+        n += 1
+        _job(tmp_path, f"{n}_method=ewc,seed={seed}", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.70]], method="ewc", seed=seed),
+             ["method=ewc", f"seed={seed}"])
+        n += 1
+    rows = sweep.collect(tmp_path)
+    by = {(r["method"], r["seed"]): r for r in rows}
+    # mean over tasks of joint[k][k] - R[k][k]
+    assert by[("ewc", 0)]["intransigence"] == pytest.approx(((0.95 - 0.85) + (0.90 - 0.70)) / 2)
+    assert by[("ewc", 1)]["intransigence"] == pytest.approx(((0.95 - 0.85) + (0.80 - 0.70)) / 2)
+    assert by[("joint", 0)]["intransigence"] == 0.0
+    sweep.write_summary(tmp_path, rows, figure=False)
+    table = _read_csv(tmp_path / "summary.csv")
+    assert float(table[1]["intransigence_pct"]) == pytest.approx(15.0)
+    assert "intransigence %" in (tmp_path / "summary.md").read_text()
+
+
+def test_intransigence_is_absent_without_a_cumulative_joint_reference(tmp_path):
+    _job(tmp_path, "0_a", _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "all"}), ["method=joint"])
+    _job(tmp_path, "1_b", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.7]], method="ewc"), ["method=ewc"])
+    _job(tmp_path, "2_c", _with_matrix(0.7, [[0.85, 0.2], [0.6, 0.7]], method="ewc", seed=5), ["method=ewc", "seed=5"])
+    rows = sweep.collect(tmp_path)
+    assert all(r["intransigence"] is None for r in rows)
+    sweep.write_summary(tmp_path, rows, figure=False)
+    assert "intransigence_pct" not in _read_csv(tmp_path / "summary.csv")[0]
+    # the joint jobs of another sweep, given with --joint
+    ref = tmp_path.parent / "joint_sweep"
+    _job(ref, "0_seed=0", _with_matrix(0.9, J, method="joint", lam=None, method_options={"mode": "cumulative"}), ["method=joint"])
+    assert sweep.main([str(tmp_path), "--joint", str(ref), "--quiet"]) == 0
+    table = _read_csv(tmp_path / "summary.csv")
+    assert table[1]["intransigence_pct"] != "" and table[2]["intransigence_pct"] == ""  # seed 5 has no reference
+
+
+# ----------------------------------------------------------------------------- the trade-off figure
+def _lambda_sweep(root: Path, lambdas=(0.0, 10.0, 1000.0), seeds=(0, 1)):
+    n = 0
+    for lam in lambdas:
+        for seed in seeds:
+            _job(root, f"{n}_lambda={lam:g},seed={seed}", _metrics(0.6 + lam / 1e4 + seed / 100, method="ewc", lam=lam, seed=seed),
+                 ["method=ewc", f"lambda={lam:g}", f"seed={seed}"])
+            n += 1
+    for seed in seeds:
+        _job(root, f"{n}_method=finetune,seed={seed}", _metrics(0.55, method="finetune", lam=None, seed=seed),
+             ["method=finetune", f"seed={seed}"])
+        n += 1
+
+
+def test_tradeoff_data_mean_std_per_lambda_and_reference_lines(tmp_path):
+    _lambda_sweep(tmp_path)
+    series, refs, n_seeds = sweep.tradeoff_data(sweep.collect(tmp_path))
+    assert list(series) == ["ewc"] and list(refs) == ["finetune"] and n_seeds == 2
+    points = series["ewc"]
+    assert [lam for lam, _ in points] == [0.0, 10.0, 1000.0]
+    mean, std = points[2][1]["acc"]
+    accs = [100 * (0.6 + 0.1 + s / 100) for s in (0, 1)]
+    assert mean == pytest.approx(statistics.fmean(accs)) and std == pytest.approx(statistics.stdev(accs))
+    assert points[0][1]["learning_accuracy"] == (pytest.approx(90.0), 0.0)
+    assert refs["finetune"]["acc"] == (pytest.approx(55.0), 0.0)
+
+
+def test_tradeoff_figure_in_the_sweep_folder_and_tensorboard(tmp_path):
+    _lambda_sweep(tmp_path)
+    rows = sweep.collect(tmp_path)
+    sweep.write_summary(tmp_path, rows)
+    png = tmp_path / "tradeoff.png"
+    from PIL import Image
+
+    assert Image.open(png).size[0] >= 1000
+    assert "![ACC, BWT and learning accuracy against λ](tradeoff.png)" in (tmp_path / "summary.md").read_text()
+    fig = sweep._tradeoff(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["ACC (%)", "BWT (%)", "learning accuracy (%)"]
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog"  # λ = 0 is kept, at the left
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "10", "1000"]
+    assert {line.get_label() for line in ax.lines} >= {"ewc", "finetune (no λ)"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "summary"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("sweep/tradeoff")] == [0]
+    sweep.write_summary(tmp_path, rows)  # rebuilt: the old events are replaced, not added to
+    assert len(list((tmp_path / "summary").glob("events.out.tfevents.*"))) == 1
+
+
+def test_no_tradeoff_figure_when_lambda_does_not_vary(tmp_path):
+    _lambda_sweep(tmp_path, lambdas=(10.0,))
+    (tmp_path / "tradeoff.png").write_text("stale")
+    rows = sweep.collect(tmp_path)
+    assert sweep.tradeoff_data(rows) is None
+    sweep.write_summary(tmp_path, rows)
+    assert not (tmp_path / "tradeoff.png").exists()
+
+
+# ----------------------------------------------------------------------------- job folder names
+def test_job_dirname_is_what_varies_and_deterministic():
+    from cl_runner.identity import job_dirname, varying_keys
+
+    jobs = [["method=ewc", "lambda=1", "epochs=3", "seed=0"], ["method=ewc", "lambda=10", "epochs=3", "seed=0"],
+            ["method=si", "lambda=1", "epochs=3", "seed=0"]]
+    varying = varying_keys(jobs)
+    assert varying == {"method", "lambda"}
+    assert job_dirname(2, jobs[2], varying) == "2_lambda=1,method=si"
+    assert job_dirname(2, list(reversed(jobs[2])), varying) == "2_lambda=1,method=si"  # order of overrides
+    assert job_dirname(0, ["epochs=3", "device=cpu"], set(), {"device"}) == "0_epochs=3"  # nothing varies
+    assert job_dirname(0, [], None) == "0"
+    assert job_dirname(1, ["model.hidden=[400,400]", "data=a/b"], {"model.hidden", "data"}) == "1_data=a_b,model.hidden=[400,400]"
+
+
+def test_cl_run_summary_console_script_is_declared():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["cl-run-summary"] == "cl_runner.sweep:main"
+    assert any(d.startswith("matplotlib") for d in project["dependencies"])

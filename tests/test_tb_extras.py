@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 
 import numpy as np
 import pytest
@@ -15,12 +14,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from cl_runner import tb_extras
-from cl_runner.tb_extras import (
-    accuracy_heatmap,
-    custom_scalars_layout,
-    write_hparams,
-    write_importance_histograms,
-)
+from cl_runner.tb_extras import accuracy_heatmap, write_hparams, write_importance_histograms
 
 
 def _acc(path) -> EventAccumulator:
@@ -31,60 +25,69 @@ def _acc(path) -> EventAccumulator:
     return acc
 
 
-def _colour_count(img: np.ndarray, colour) -> int:
-    return int(np.all(img == np.array(colour, dtype=np.uint8), axis=-1).sum())
+# ----------------------------------------------------------------------------- heatmap and curves
+CARD_PX = 330  # width of TensorBoard's image card (Images dashboard) in a 1400-px window
 
 
-def _box_of(img: np.ndarray, colour) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(np.all(img == np.array(colour, dtype=np.uint8), axis=-1))
-    return ys.min(), ys.max(), xs.min(), xs.max()
+def _pixel(img: np.ndarray, fig, ax, x: float, y: float) -> np.ndarray:
+    """The RGB pixel of ``img`` (drawn from ``fig``) at data coordinates (x, y) of ``ax``."""
+    px, py = ax.transData.transform((x, y))
+    return img[int(round(img.shape[0] - py)), int(round(px))].astype(int)
 
 
-# ----------------------------------------------------------------------------- heatmap
-def test_heatmap_is_rgb_uint8_and_grows_with_the_matrix():
-    small = accuracy_heatmap([[0.5]], ["a"])
-    big = accuracy_heatmap([[0.5] * 4 for _ in range(4)], list("abcd"))
-    assert small.dtype == np.uint8 and small.ndim == 3 and small.shape[2] == 3
-    assert big.shape[0] > small.shape[0] and big.shape[1] > small.shape[1]
+def test_heatmap_cells_are_coloured_by_accuracy_and_hold_their_values():
+    import matplotlib
+
+    m = [[0.973, 0.128, 0.5], [0.0, 1.0, None]]
+    fig = tb_extras.heatmap_figure(m, ["a", "b", "c"])
+    img = tb_extras.figure_to_array(fig)
+    ax = fig.axes[0]
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["97.3", "12.8", "50.0", "0.0", "100.0", "n/a"]  # percent, row by row
+    cmap = matplotlib.colormaps[tb_extras.HEATMAP_CMAP]
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            got = _pixel(img, fig, ax, j - 0.35, i - 0.35)  # a corner of the cell, away from its text
+            want = np.array([255, 255, 255]) if v is None else np.round(np.array(cmap(v)[:3]) * 255)
+            assert np.abs(got - want).max() <= 3, (i, j, got, want)
+    # the colour scale is fixed to 0–100 % and shown as a colour bar
+    assert ax.images[0].norm.vmin == 0 and ax.images[0].norm.vmax == 100
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "accuracy %"
 
 
-def test_heatmap_cell_colour_follows_accuracy():
-    img = accuracy_heatmap([[0.0, 0.5, 1.0]], ["t1", "t2", "t3"])
-    low, mid, high = (tb_extras._cell_colour(a) for a in (0.0, 0.5, 1.0))
-    assert len({low, mid, high}) == 3
-    # the 0.5 and 1.0 cells are filled with their colours (most of a cell, text aside)
-    assert _colour_count(img, mid) > 300 and _colour_count(img, high) > 300
-    # darker (lower sum of RGB) with higher accuracy: white → blue
-    assert sum(low) > sum(mid) > sum(high)
-    assert high[2] > high[0]  # blue
+@pytest.mark.parametrize("n", [2, 5, 10])
+def test_heatmap_values_stay_legible_at_tensorboard_card_size(n):
+    """Scaled to the card's width, a cell value is at least 11 px tall up to 6 tasks (whole percents,
+    at least 8 px, for 10) and fits inside its cell."""
+    fig = tb_extras.heatmap_figure([[0.889] * n for _ in range(n)])
+    img = tb_extras.figure_to_array(fig)
+    scale = min(1.0, CARD_PX / img.shape[1])
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    cell_w = abs(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0])
+    for t in ax.texts:
+        box = t.get_window_extent(renderer)
+        assert box.height * scale >= (11 if n <= 6 else 8), (n, box.height * scale)
+        assert box.width < cell_w
+    assert ax.texts[0].get_text() == ("88.9" if n <= 6 else "89")
 
 
-def _text_mask(value: float) -> np.ndarray:
-    """Pixels of a one-cell heatmap's cell that are not the cell's fill colour: the written value."""
-    fill = tb_extras._cell_colour(value)
-    img = accuracy_heatmap([[value]], ["t1"])
-    y0, y1, x0, x1 = _box_of(img, fill)
-    return ~np.all(img[y0 + 1 : y1, x0 + 1 : x1] == np.array(fill, dtype=np.uint8), axis=-1)
-
-
-def test_heatmap_values_are_written_legibly_in_each_cell():
-    """Text pixels inside the cell, at least 10 px tall, and the glyphs change with the value."""
-    text = _text_mask(1.0)
-    assert text.sum() > 40, "no value written in the cell"
-    rows = np.nonzero(text.any(axis=1))[0]
-    assert rows.max() - rows.min() + 1 >= 10, "glyphs smaller than 10 px"
-    assert _text_mask(0.2).sum() > 40  # dark text on a light cell as well
-    a, b = _text_mask(0.973), _text_mask(0.128)  # "97.3" vs "12.8"
-    assert a.sum() > 40 and b.sum() > 40
-    assert a.shape != b.shape or not np.array_equal(a, b)
-
-
-def test_heatmap_missing_values_are_grey_and_labels_are_drawn():
-    img = accuracy_heatmap([[0.9, None], [0.8, float("nan")]], ["first", "second"])
-    assert _colour_count(img, tb_extras._MISSING) > 300
-    # a long task name is cut, the image does not grow without bound
-    long_img = accuracy_heatmap([[0.5]], ["x" * 500])
-    assert long_img.shape[1] < 600
+def test_per_task_curves_one_colour_per_task_from_init():
+    init = [0.5, 0.4, 0.3]
+    m = [[0.9, 0.2, 0.1], [0.7, 0.95, 0.3], [0.6, 0.8, 0.97]]
+    fig = tb_extras.curves_figure(m, ["a", "b", "c"], init)
+    ax = fig.axes[0]
+    solid = [ln for ln in ax.lines if ln.get_linestyle() == "-"]
+    assert len(solid) == 3 and len({ln.get_color() for ln in solid}) == 3
+    # task j's solid curve starts once it is trained and holds R[i][j] in percent
+    for j, ln in enumerate(solid):
+        assert list(ln.get_xdata()) == list(range(j + 1, 4))
+        assert list(ln.get_ydata()) == pytest.approx([100 * m[i][j] for i in range(j, 3)])
+    dotted = {ln.get_color(): ln for ln in ax.lines if ln.get_linestyle() == ":"}
+    assert list(dotted[solid[2].get_color()].get_ydata()) == pytest.approx([30.0, 10.0, 30.0, 97.0])  # init, before
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1", "2", "3"]
+    assert tb_extras.accuracy_curves(m, [], init).shape[2] == 3
 
 
 # ----------------------------------------------------------------------------- through the writer
@@ -115,31 +118,14 @@ def test_heatmap_image_and_histograms_in_event_files(tmp_path):
             assert h.sum == pytest.approx(t.sum().item(), rel=1e-5)
 
 
-def test_custom_scalars_layout_round_trip_and_regexes(tmp_path):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    layout = custom_scalars_layout(12)
+def test_importance_histograms_leave_out_non_finite_values(tmp_path):
     with SummaryWriter(str(tmp_path)) as w:
-        w.add_custom_scalars(layout)
+        write_importance_histograms(w, {"a.weight": torch.tensor([1.0, float("nan"), 3.0, float("inf")]),
+                                        "b.bias": torch.tensor([float("nan")])}, 7)
     acc = _acc(tmp_path)
-    (ev,) = acc.Tensors("custom_scalars__config__")
-    stored = layout_pb2.Layout()
-    stored.ParseFromString(ev.tensor_proto.string_val[0])
-    charts = {c.title: list(c.multiline.tag) for cat in stored.category for c in cat.chart}
-    per_task = charts["per-task accuracy"]
-    assert custom_scalars_layout(3) == layout  # identical for every run: merged across a sweep
-    metrics = charts["ACC / BWT / FWT / forgetting"]
-    train = charts["train loss / penalty"]
-
-    def matched(regexes, tags):  # the plugin uses re.match
-        return {t for t in tags if any(re.compile(r).match(t) for r in regexes)}
-
-    tags = [f"acc/task_{j}" for j in range(13)] + ["acc/average_seen", "acc_init/task_1", "acc/task_1x",
-                                                    "metrics/acc", "metrics/bwt", "metrics/fwt", "metrics/forgetting",
-                                                    "metrics/learning_accuracy", "train/loss", "train/penalty", "hparam/acc"]
-    assert matched(per_task, tags) == {f"acc/task_{j}" for j in range(13)} | {"acc/average_seen"}
-    assert matched(metrics, tags) == {"metrics/acc", "metrics/bwt", "metrics/fwt", "metrics/forgetting"}
-    assert matched(train, tags) == {"train/loss", "train/penalty"}
+    assert set(acc.Tags()["histograms"]) == {"importance/a/weight"}  # all-NaN: skipped, no crash
+    (ev,) = acc.Histograms("importance/a/weight")
+    assert ev.step == 7 and ev.histogram_value.num == 2 and ev.histogram_value.max == 3.0
 
 
 # ----------------------------------------------------------------------------- hparams
@@ -192,10 +178,18 @@ def test_write_hparams_failure_status_and_group_names(tmp_path):
         write_hparams(w, {"method": "si", "seed": 0}, {"acc": 0.5}, status="failed")
     with SummaryWriter(str(tmp_path / "b")) as w:
         write_hparams(w, {"method": "si", "seed": 1}, {"acc": 0.5})
+    with SummaryWriter(str(tmp_path / "c")) as w:
+        write_hparams(w, {"method": "si", "seed": 1}, {"acc": 0.5}, trial="3_seed=1 (sweep)", step=12)
     _, start_a, end_a = _session(_acc(tmp_path / "a"))
     _, start_b, _ = _session(_acc(tmp_path / "b"))
+    _, start_c, _ = _session(_acc(tmp_path / "c"))
     assert end_a.status == api_pb2.STATUS_FAILURE
     assert start_a.group_name and start_a.group_name != start_b.group_name  # one row per run
+    assert start_c.group_name == "3_seed=1 (sweep)"  # the trial's readable name
+    with SummaryWriter(str(tmp_path / "d")) as w:
+        write_hparams(w, {"method": "si"}, {}, status="interrupted")
+    assert _session(_acc(tmp_path / "d"))[2].status == api_pb2.STATUS_UNKNOWN  # resumable, not a failure
+    assert [(e.step, e.value) for e in _acc(tmp_path / "c").Scalars("hparam/acc")] == [(12, 0.5)]
 
 
 def _hparams_dashboard(logdir):
@@ -256,18 +250,76 @@ def test_plain_values():
     assert not math.isnan(tb_extras._metric_value(torch.tensor(0.5)))
 
 
-def test_heatmap_stays_legible_with_the_old_bitmap_font(monkeypatch):
-    """Pillow < 10.1 (no ``size=``) or no FreeType: bitmap font, image enlarged 2x."""
-    from PIL import ImageFont
+# ----------------------------------------------------------------------------- the run's logger
+class _FakeMethod:
+    def importance(self):
+        return {"body.0.weight": torch.ones(3, 2)}
 
-    original = ImageFont.load_default
 
-    def old_pillow(size=None):
-        if size is not None:
-            raise TypeError("load_default() got an unexpected keyword argument 'size'")
-        return original()
+def _log_a_run(run_dir, matrix, initial, steps_per_task, status="ok"):
+    """Drive TensorBoardLogger with the trainer's events for a hand-written run."""
+    from cl_runner.loggers import TensorBoardLogger
 
-    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
-    text = _text_mask(1.0)
-    rows = np.nonzero(text.any(axis=1))[0]
-    assert text.sum() > 40 and rows.max() - rows.min() + 1 >= 10
+    tb = TensorBoardLogger(run_dir, len(matrix), trial=None)
+    tb.evaluated(-1, initial)
+    first = 0
+    for t, (row, n) in enumerate(zip(matrix, steps_per_task)):
+        tb.task_end(t, first, [1.0 / (k + 1) for k in range(n)], [0.1] * n)
+        first += n
+        tb.consolidated(t, _FakeMethod())
+        tb.evaluated(t, row)
+    names = [f"task{j}" for j in range(len(matrix))]
+    result = {"status": status, "task_names": names, "accuracy_matrix": matrix, "initial_accuracy": initial,
+              "acc": 0.8, "bwt": -0.1, "fwt": None, "forgetting": 0.1, "learning_accuracy": 0.9}
+    tb.final(result, {"method": "ewc", "lambda": 10.0, "seed": 0})
+    tb.close()
+
+
+def test_logger_conventions_one_step_axis_percent_final_metrics_once(tmp_path):
+    run = tmp_path / "sweep" / "3_lambda=10,method=ewc"
+    matrix = [[0.9, 0.2], [0.6, 0.95]]
+    initial = [0.5, 0.25]
+    _log_a_run(run, matrix, initial, [5, 7])
+    main, hp = _acc(run), _acc(run / "hparams")
+    scalars = set(main.Tags()["scalars"])
+    # one step axis: optimizer steps; step 0 = the initial model, then where each task ended
+    for j in range(2):
+        events = main.Scalars(f"acc/task_{j + 1}")
+        assert [e.step for e in events] == [0, 5, 12]
+        assert [e.value for e in events] == pytest.approx([100 * initial[j], 100 * matrix[0][j], 100 * matrix[1][j]])
+    assert [e.step for e in main.Scalars("train/loss")] == list(range(12))
+    assert [e.value for e in main.Scalars("acc/average_seen")] == pytest.approx([90.0, 77.5])
+    assert not any(t.startswith(("acc_init/", "metrics/", "hparam/")) for t in scalars)  # final metrics: once, below
+    assert "custom_scalars__config__" not in main.Tags()["tensors"]
+    assert [e.step for e in main.Histograms("importance/body/0/weight")] == [5, 12]
+    for tag in ("accuracy_matrix/heatmap", "accuracy_matrix/per_task_curves"):
+        (ev,) = main.Images(tag)
+        assert ev.step == 12 and ev.width <= 500  # small enough for the card
+    from tensorboard.util.tensor_util import make_ndarray
+
+    text = make_ndarray(main.Tensors("accuracy_matrix/text_summary")[-1].tensor_proto).item().decode()
+    assert "optimizer steps" in text and "T1 at step 5, T2 at step 12" in text and "95.00" in text
+    # the final metrics: percent, written once, in their own sub-run with the HParams session
+    assert set(hp.Tags()["scalars"]) == {f"hparam/{m}" for m in ("acc", "bwt", "forgetting", "learning_accuracy")}
+    assert [(e.step, e.value) for e in hp.Scalars("hparam/acc")] == [(12, pytest.approx(80.0))]
+    assert [e.value for e in hp.Scalars("hparam/bwt")] == [pytest.approx(-10.0)]
+    _, start, end = _session(hp)
+    assert start.group_name == "3_lambda=10,method=ewc (sweep)" and end.status == api_pb2.STATUS_SUCCESS
+
+
+def test_sweep_dashboard_offers_the_headline_metrics_and_names_runs_by_folder(tmp_path):
+    """TensorBoard pointed at a sweep: run names are the job folders (no /tb), the HParams dashboard
+    offers exactly the hparam/* metrics (not 20 per-task tags) and names trials by folder."""
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+    for k, lam in enumerate((10, 1000)):
+        _log_a_run(tmp_path / f"{k}_lambda={lam}" / "tb", [[0.9, 0.2], [0.6, 0.95]], [0.5, 0.25], [5, 7])
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    assert set(mux.Runs()) == {"0_lambda=10", "0_lambda=10/hparams", "1_lambda=1000", "1_lambda=1000/hparams"}
+    assert not (tmp_path / "0_lambda=10" / "tb").exists()  # the legacy <run>/tb path writes into the run folder
+    exp, groups = _hparams_dashboard(tmp_path)
+    assert sorted(m.name.tag for m in exp.metric_infos) == [
+        "hparam/acc", "hparam/bwt", "hparam/forgetting", "hparam/learning_accuracy"]
+    assert {g.name for g in groups} == {f"0_lambda=10 ({tmp_path.name})", f"1_lambda=1000 ({tmp_path.name})"}

@@ -13,8 +13,21 @@
   mode. ``fisher_labels`` picks ŷ: ``true`` = dataset label (empirical Fisher), ``pred`` = the
   model's argmax (Hsu et al.; van de Ven & Tolias), ``sample`` = a draw from p(·|x), ``all`` = the
   exact expectation Σ_c p(c|x) (∂ log p(c|x)/∂θ)².
-- Defaults: half=true (Kirkpatrick's and van de Ven's λ/2; Hsu et al. use half=false),
-  fisher_labels=pred, all training samples. ``fisher_batch`` bounds the per-sample gradients held
+- ``fisher_estimator=squared_batch_grad`` is the seeds' deviation (PROTOCOLS.md D2), kept only to
+  reproduce that demonstration: F_i = 1/B Σ_{b<B} (∂ mean_{n∈X_b} log p(ŷ_n|x_n) / ∂θ_i)², the
+  square of the gradient of the *batch-mean* log-likelihood, for each of the first B =
+  ``sq_grad_batches`` mini-batches X_b of ``sq_grad_batch_size`` training samples in data order
+  (unshuffled), averaged over the B batches (the seed's loop: per batch, backward the batch-mean
+  log-likelihood and accumulate grad² / B). It is not a Fisher: with true labels its expectation
+  is F_emp / |X_b| + (1 − 1/|X_b|) · ḡ², ḡ the mean gradient of the task loss, which is small
+  once the task is learned; so it is about |X_b| times smaller than the per-sample Fisher (λ means
+  something else) and, from 2 batches, noisy. ``fisher_labels`` true | pred | sample (not all);
+  ``fisher_samples`` must stay null (the batches fix the samples). Eval mode as well.
+- Defaults (configs/method/ewc.yaml, which explains them): half=true (Kirkpatrick's and van de
+  Ven's λ/2; Hsu et al. use half=false), fisher_estimator=per_sample, fisher_labels=all (the exact
+  Fisher, Kirkpatrick's definition; the presets set their papers' ``pred``), all training samples.
+  (The constructor's own defaults, λ = 1e7 and ``pred``, are older and only matter to code that
+  builds ``EWC()`` directly.) ``fisher_batch`` bounds the per-sample gradients held
   in memory at once by the ``torch.func`` path (for ``all``: fisher_batch // K samples × K
   classes); Linear-only models take an exact closed form that holds none (see per_sample.py).
 - ``importance()``: the latest task's Fisher.
@@ -26,8 +39,20 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import eval_mode
-from cl_runner.methods.per_sample import FISHER_LABELS, choose_subset, fisher_diagonal, task_generator
-from cl_runner.methods.regularizer import QuadraticPenalty, check_choice, check_count, snapshot
+from cl_runner.methods.per_sample import (
+    FISHER_ESTIMATORS,
+    FISHER_LABELS,
+    choose_subset,
+    fisher_diagonal,
+    squared_batch_grad,
+    task_generator,
+)
+from cl_runner.methods.regularizer import (
+    QuadraticPenalty,
+    check_choice,
+    check_count,
+    snapshot,
+)
 
 
 class EWC(QuadraticPenalty):
@@ -40,11 +65,28 @@ class EWC(QuadraticPenalty):
         fisher_labels: str = "pred",
         fisher_samples: int | None = None,
         fisher_batch: int = 16,
+        fisher_estimator: str = "per_sample",
+        sq_grad_batch_size: int = 100,
+        sq_grad_batches: int = 2,
     ):
         super().__init__(strength, half=half)
         self.fisher_labels = check_choice("fisher_labels", fisher_labels, FISHER_LABELS)
         self.fisher_samples = check_count("fisher_samples", fisher_samples, allow_none=True)
         self.fisher_batch = check_count("fisher_batch", fisher_batch)
+        self.fisher_estimator = check_choice("fisher_estimator", fisher_estimator, FISHER_ESTIMATORS)
+        self.sq_grad_batch_size = check_count("sq_grad_batch_size", sq_grad_batch_size)
+        self.sq_grad_batches = check_count("sq_grad_batches", sq_grad_batches)
+        if self.fisher_estimator == "squared_batch_grad":
+            if self.fisher_labels == "all":
+                raise ValueError(
+                    "method.fisher_labels=all does not apply to fisher_estimator=squared_batch_grad; "
+                    "choose one of: true, pred, sample"
+                )
+            if self.fisher_samples is not None:
+                raise ValueError(
+                    "method.fisher_samples applies to fisher_estimator=per_sample only; with "
+                    "squared_batch_grad set sq_grad_batches and sq_grad_batch_size (fisher_samples=null)"
+                )
         self._terms: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
         self._latest: dict[str, Tensor] = {}
 
@@ -52,6 +94,11 @@ class EWC(QuadraticPenalty):
         """Diagonal Fisher of ``task`` at the model's current parameters (eval mode, state kept)."""
         g = task_generator(self.seed, task.id)
         x, y = task.x_train, task.y_train
+        if self.fisher_estimator == "squared_batch_grad":
+            with eval_mode(model):
+                return squared_batch_grad(
+                    model, x, y, task.units, self.fisher_labels, self.sq_grad_batch_size, self.sq_grad_batches, g
+                )
         idx = choose_subset(len(x), self.fisher_samples, g)
         if idx is not None:
             idx = idx.to(x.device)

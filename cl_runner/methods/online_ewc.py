@@ -37,8 +37,13 @@ class OnlineEWC(EWC):
         fisher_batch: int = 16,
         gamma: float = 1.0,
         gamma_in_penalty: bool = False,
+        fisher_estimator: str = "per_sample",
+        sq_grad_batch_size: int = 100,
+        sq_grad_batches: int = 2,
     ):
-        super().__init__(strength, half, fisher_labels, fisher_samples, fisher_batch)
+        super().__init__(
+            strength, half, fisher_labels, fisher_samples, fisher_batch, fisher_estimator, sq_grad_batch_size, sq_grad_batches
+        )
         self.gamma = check_range("gamma", gamma, 0.0, 1.0)
         self.gamma_in_penalty = check_bool("gamma_in_penalty", gamma_in_penalty)
         self._running: dict[str, Tensor] = {}

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 FISHER_LABELS = ("true", "pred", "sample", "all")
+FISHER_ESTIMATORS = ("per_sample", "squared_batch_grad")
 FAST_LINEAR = True  # use the closed form for Linear-only models (tests switch it off to compare)
 FAST_CHUNK = 1024  # samples per batched backward in the fast path (activations only in memory)
 
@@ -234,6 +235,46 @@ def fisher_diagonal(
             for name, g in per_sample(params, x[s : s + batch], target[s : s + batch]).items():
                 fisher[name] += g.square_().sum(0)  # in place: g is ours and large
     return {n: f / n_samples for n, f in fisher.items()}
+
+
+def squared_batch_grad(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    units: tuple[int, int],
+    labels: str = "true",
+    batch_size: int = 100,
+    n_batches: int = 2,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The seeds' Fisher estimate (PROTOCOLS.md D2), *not* a per-sample Fisher:
+
+        F_i = 1/B Σ_{b<B} ( ∂/∂θ_i  1/|X_b| Σ_{n∈X_b} log p(ŷ_n | x_n) )²
+
+    X_b = samples [b·batch_size, (b+1)·batch_size) of ``x`` in the order given (the first B
+    mini-batches, unshuffled; B = min(n_batches, batches available)); ŷ as in
+    :func:`fisher_labels` (``all`` has no meaning here). Squaring a batch-mean gradient drops
+    the per-sample variance: this is roughly |X_b| times smaller than the per-sample Fisher.
+    """
+    lo, hi = units
+    params, consts = split_state(model)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    x, y = x[: batch_size * n_batches], y[: batch_size * n_batches]
+    if len(x) == 0:
+        return fisher
+    target = fisher_labels(model, x, y, units, labels, generator)
+
+    def mean_log_lik(params: dict[str, Tensor], xb: Tensor, cb: Tensor) -> Tensor:
+        z = functional_call(model, (params, consts), (xb,))[:, lo:hi]
+        return torch.log_softmax(z, 1).gather(1, cb.unsqueeze(1)).mean()
+
+    batch_grad = grad(mean_log_lik)
+    used = 0
+    for s in range(0, len(x), batch_size):
+        for name, g in batch_grad(params, x[s : s + batch_size], target[s : s + batch_size]).items():
+            fisher[name] += g.square()
+        used += 1
+    return {n: f / used for n, f in fisher.items()}
 
 
 def mas_importance(
