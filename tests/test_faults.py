@@ -114,7 +114,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(tmp_pa
     other = cl_run(*LONG, "seed=1", "optimizer.lr=0.01", f"hydra.run.dir={out}")
     assert other.returncode == 2
     line = _one_error_line(other.stderr)
-    assert "another config" in line and "seed (0 → 1)" in line and "optimizer.lr (0.001 → 0.01)" in line
+    assert "another config" in line and "seed (0 → 1)" in line and "optimizer.lr (0.0003 → 0.01)" in line
     assert (out / ".hydra" / "config.yaml").read_text() == before  # Hydra never ran
     # the same in-process (the job-side check, as in a sweep)
     with pytest.raises(ValueError, match=r"seed \(0 → 1\)"):
