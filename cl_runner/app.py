@@ -308,8 +308,9 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
             tb.final(result, hparams)
         else:
             tb.failed(hparams, status=status)  # interrupted: "unknown" in HParams, resumable
-    except BaseException:
-        tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
+    except BaseException as e:
+        if not isinstance(e, SystemExit):  # SystemExit: submitit requeues the job, which resumes
+            tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
         raise
     finally:
         tb.close()

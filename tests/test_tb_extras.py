@@ -328,12 +328,11 @@ def test_sweep_dashboard_offers_the_headline_metrics_and_names_runs_by_folder(tm
     from tensorboard.backend.event_processing import plugin_event_multiplexer
 
     for k, lam in enumerate((10, 1000)):
-        _log_a_run(tmp_path / f"{k}_lambda={lam}" / "tb", [[0.9, 0.2], [0.6, 0.95]], [0.5, 0.25], [5, 7])
+        _log_a_run(tmp_path / f"{k}_lambda={lam}", [[0.9, 0.2], [0.6, 0.95]], [0.5, 0.25], [5, 7])
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(tmp_path))
     mux.Reload()
     assert set(mux.Runs()) == {"0_lambda=10", "0_lambda=10/hparams", "1_lambda=1000", "1_lambda=1000/hparams"}
-    assert not (tmp_path / "0_lambda=10" / "tb").exists()  # the legacy <run>/tb path writes into the run folder
     exp, groups = _hparams_dashboard(tmp_path)
     assert sorted(m.name.tag for m in exp.metric_infos) == [
         "hparam/acc",
