@@ -22,6 +22,18 @@ def cl_run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproces
     return subprocess.run([*CL_RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: one thread is several times faster than two (and
+    the same seed then gives the same matrix whatever the machine's core count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_cfg():
     return compose_config

@@ -18,10 +18,9 @@ import io
 
 import hydra
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SEEDS = (0, 1, 2)
 REGULARIZED = ("l2", "ewc", "online_ewc", "mas", "si")
@@ -32,14 +31,6 @@ LA_SLACK = 0.01  # "falls (or stays)": one point of noise allowed between neighb
 def compose(*overrides: str):
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
         return hydra.compose("config", overrides=["device=cpu", *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ import io
 
 import hydra
 import pytest
-import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SEEDS = (0, 1, 2)
 REGULARIZED = ("l2", "ewc", "online_ewc", "mas", "si")
@@ -46,15 +45,6 @@ BENCHMARKS = {
 }
 BWT_MARGIN = 0.08  # "clearly better": the measured margins are 0.12–0.29
 ACC_SLACK = 0.02  # and the final accuracy does not drop below finetune's
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small models on a shared 2-core machine: one thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
