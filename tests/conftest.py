@@ -22,6 +22,19 @@ def cl_run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproces
     return subprocess.run([*CL_RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.fixture(scope="session")
+def installed_site(tmp_path_factory) -> Path:
+    """The project installed as a user would (a plain, non-editable wheel) into a folder of its own;
+    built once per test session."""
+    site = tmp_path_factory.mktemp("installed") / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    return site
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small models on a shared 2-core machine: one thread is several times faster than two (and

@@ -5,17 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 
 @pytest.mark.slow
-def test_configs_found_after_non_editable_install(tmp_path):
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
-        check=True,
-        capture_output=True,
-    )
+def test_configs_found_after_non_editable_install(tmp_path, installed_site):
+    site = installed_site
     assert (site / "cl_runner" / "configs" / "config.yaml").exists()
     assert (site / "cl_runner" / "configs" / "method" / "finetune.yaml").exists()
     elsewhere = tmp_path / "elsewhere"

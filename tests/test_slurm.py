@@ -259,14 +259,9 @@ def test_job_signals(monkeypatch):
 
 
 @pytest.mark.slow
-def test_installed_wheel_finds_the_launcher(tmp_path):
+def test_installed_wheel_finds_the_launcher(tmp_path, installed_site):
     """Hydra finds launchers by scanning the hydra_plugins namespace: the wheel must ship the plugin."""
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
-        check=True,
-        capture_output=True,
-    )
+    site = installed_site
     assert (site / "hydra_plugins" / "cl_runner_launcher" / "slurm_launcher.py").is_file()
     assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace shared with other plugins
     probe = (
