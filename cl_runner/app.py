@@ -445,8 +445,6 @@ def _check_folder(key: str, folder: Path) -> None:
     parent = folder
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if parent == folder and folder.is_dir():
-        parent = folder
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "not a directory", str(parent))
