@@ -226,10 +226,10 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     import torch
 
     from cl_runner.data.benchmarks import build_stream
-    from cl_runner.loggers import ConsoleLogger, Fanout, TensorBoardLogger, write_result_files
     from cl_runner.methods import method_from_config
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
+    from cl_runner.report.loggers import ConsoleLogger, Fanout, TensorBoardLogger, write_result_files
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
 
     start = time.perf_counter()
@@ -325,7 +325,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
 
 def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | None = None) -> None:
     """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
-    from cl_runner.loggers import write_result_files
+    from cl_runner.report.loggers import write_result_files
 
     previous = read_status(out_dir)
     if previous is not None and previous.get("status") in FINISHED:
@@ -567,13 +567,13 @@ def main() -> None:
         sweep_dir = _SWEEP.get("dir")
         where = ""
         if sweep_dir:
-            from cl_runner.sweep import summarize
+            from cl_runner.report.summary import summarize
 
             summarize(sweep_dir, quiet=True)
             where = f" in {sweep_dir}"
         print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    from cl_runner import sweep
+    from cl_runner.report import summary as sweep
 
     if sweep.LAST_ROWS is not None:  # a finished multirun: 1 when some job did not end ok
         sys.exit(sweep.sweep_status(sweep.LAST_ROWS))

@@ -197,7 +197,7 @@ def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[s
     it writes the identity fields like ``cl_runner.app.record_failure`` (the folder is created for a
     job that never started), plus the rows of ``checkpoint.pt`` when there is one."""
     from cl_runner.identity import run_identity
-    from cl_runner.loggers import write_result_files
+    from cl_runner.report.loggers import write_result_files
 
     out_dir = Path(out_dir)
     previous = read_metrics(out_dir)

@@ -6,7 +6,7 @@ Each (preset, method entry) is one Hydra multirun of the runner over the seeds::
 
     cl-run -m experiment=<preset> <method overrides> seed=0,1,2 hydra.sweep.dir=<out>/<preset>/<label> <extra>
 
-then every job's ``metrics.json`` is read back from disk (``cl_runner.sweep.collect``).
+then every job's ``metrics.json`` is read back from disk (``cl_runner.report.summary.collect``).
 
 Method entries:
   ``ewc``                         → ``method=ewc``
@@ -97,7 +97,7 @@ def run_one(
 
 
 def summarize(preset: str, label: str, sweep_dir: Path) -> dict:
-    from cl_runner.sweep import collect
+    from cl_runner.report.summary import collect
 
     rows = collect(sweep_dir) if sweep_dir.exists() else []
     ok = [r for r in rows if r.get("status") == "ok" and r.get("acc") is not None]

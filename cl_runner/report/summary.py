@@ -3,7 +3,7 @@ the λ trade-off figure, print them as rich tables.
 
 Everything is read back from the job folders (and the sweep's ``multirun.yaml``), never from the
 launcher's return values, so the summary is the same under the basic, joblib and submitit
-launchers, and ``cl-run-summary`` (``python -m cl_runner.sweep``, ``scripts/summarize.py``) can
+launchers, and ``cl-run-summary`` (``python -m cl_runner.report.summary``, ``scripts/summarize.py``) can
 rebuild it for a finished, partial or interrupted sweep.
 
 Files written into the sweep directory:
@@ -661,7 +661,7 @@ def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
     data = tradeoff_data(rows)
     if data is None:
         return None
-    from cl_runner.tb_extras import tradeoff_figure  # matplotlib: only when there is something to draw
+    from cl_runner.report.tb import tradeoff_figure  # matplotlib: only when there is something to draw
 
     ok = [r for r in rows if r.get("status") == "ok"]
     where = ", ".join(
@@ -678,7 +678,7 @@ def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
     folder; a rebuilt summary replaces the old events."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from cl_runner.tb_extras import figure_to_array
+    from cl_runner.report.tb import figure_to_array
 
     tb_dir = sweep_dir / "summary"
     if tb_dir.is_dir():

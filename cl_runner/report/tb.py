@@ -1,7 +1,7 @@
 """TensorBoard extras for a run: accuracy-matrix heatmap and per-task curves (matplotlib), HParams,
 importance histograms.
 
-The run's logger (``cl_runner/loggers.py``) calls these functions with the run's own
+The run's logger (``cl_runner/report/loggers.py``) calls these functions with the run's own
 ``SummaryWriter``, so pointing TensorBoard at a sweep directory shows every job of the sweep side by
 side.
 
@@ -177,7 +177,7 @@ def tradeoff_figure(
     (finetune, joint) as dashed horizontal lines. x axis logarithmic; when λ = 0 is among the values
     it is ``symlog``: linear between 0 and the smallest positive λ, logarithmic above, so 0 sits at
     the left edge instead of being dropped. ``series``/``references`` as built by
-    ``cl_runner.sweep.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
+    ``cl_runner.report.summary.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
     figure, legible at TensorBoard's card size (the sweep folder's PNG has them side by side)."""
     import matplotlib
 

@@ -76,7 +76,7 @@ class TensorBoardLogger(TrainerEvents):
     ):
         from torch.utils.tensorboard import SummaryWriter
 
-        from cl_runner import tb_extras
+        from cl_runner.report import tb as tb_extras
 
         log_dir = Path(log_dir)
         self.log_dir = log_dir
