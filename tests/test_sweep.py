@@ -403,7 +403,10 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     assert res.stdout.strip().splitlines()[-2].startswith(f"summary: {out.resolve() / 'summary.md'}")
     # rebuilding: same table, exit code 0 (all ok); a job folder removed → a missing row named like it
     summary = subprocess.run(
-        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert summary.returncode == 0, summary.stderr
     import shutil
@@ -416,7 +419,10 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     ]
     assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
     summary = subprocess.run(
-        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert summary.returncode == 1
 
