@@ -1,5 +1,5 @@
-"""The config values that identify a run, read from a composed config (in metrics.json and the
-sweep summary). No torch import: the sweep summary uses it on ``.hydra/config.yaml`` files."""
+"""Sweep jobs and their folder names, from the sweep's ``multirun.yaml`` (the run's identity fields
+are in :mod:`cl_runner.schema`). No torch import: Hydra resolves ``${cl_job_dirname:}`` at start-up."""
 
 from __future__ import annotations
 
@@ -7,38 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-FIELDS = (
-    ("method", "method.name"),
-    ("lambda", "lambda"),
-    ("benchmark", "benchmark.name"),
-    ("scenario", "scenario"),
-    ("seed", "seed"),
-    ("model", "model.name"),
-    ("optimizer", "optimizer.name"),
-)
-
-
-def _select(cfg: DictConfig, path: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    except Exception:  # a broken interpolation must not hide the rest (e.g. a failure being recorded)
-        return None
-
-
-def run_identity(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
-    """method, lambda, benchmark, scenario, seed, model, optimizer, experiment and the method's
-    options (resolved one by one, so that one broken value does not lose the others)."""
-    ident: dict[str, Any] = {key: _select(cfg, path) for key, path in FIELDS}
-    ident["experiment"] = experiment
-    method = cfg.get("method")
-    ident["method_options"] = (
-        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda") and not str(k).startswith("_")}
-        if isinstance(method, DictConfig)
-        else {}
-    )
-    return ident
 
 
 # ----------------------------------------------------------------------------- sweep jobs and their folders

@@ -264,7 +264,7 @@ class _FakeMethod:
 
 def _log_a_run(run_dir, matrix, initial, steps_per_task, status="ok"):
     """Drive TensorBoardLogger with the trainer's events for a hand-written run."""
-    from cl_runner.report.loggers import TensorBoardLogger
+    from cl_runner.report.tb import TensorBoardLogger
 
     tb = TensorBoardLogger(run_dir, len(matrix), trial=None)
     tb.evaluated(-1, initial)

@@ -48,31 +48,23 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from cl_runner.identity import job_dirname, run_identity, sweep_jobs, varying_keys
-
-METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
-OPTIONAL_METRICS = ("intransigence",)
-METRIC_TITLES = {
-    "acc": "ACC",
-    "bwt": "BWT",
-    "fwt": "FWT",
-    "forgetting": "forgetting",
-    "learning_accuracy": "LA",
-    "intransigence": "intransigence",
-}
-STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
-IDENTITY = ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer", "experiment")
-GROUP_FIELDS = (
-    "method",
-    "lambda",
-    "benchmark",
-    "scenario",
-    "model",
-    "optimizer",
-    "experiment",
-    "method_options",
-    "other",
+from cl_runner.identity import job_dirname, sweep_jobs, varying_keys
+from cl_runner.runfiles import write_atomic
+from cl_runner.schema import (
+    IDENTITY,
+    METRICS,
+    OPTIONAL_METRICS,
+    SETTINGS,
+    STATUSES,
+    TITLES,
+    identity,
+    md_table,
+    pct,
+    pct_pm,
+    plain,
 )
+
+GROUP_FIELDS = (*(k for k in IDENTITY if k != "seed"), "method_options", "other")
 # Overrides already represented by an identifying field, or that do not change the result, are left
 # out of the "other" part of a setting.
 _COVERED = set(IDENTITY) | {"data_dir", "device", "download", "threads", "log_every"}
@@ -129,7 +121,7 @@ def _identity_from_config(job: Path | None, overrides: list[str]) -> dict[str, A
         try:
             from omegaconf import OmegaConf
 
-            ident = run_identity(OmegaConf.load(path))
+            ident = identity(OmegaConf.load(path))
         except Exception:
             pass
     for key, value in _override_map(overrides).items():  # fill what config.yaml did not give
@@ -260,15 +252,8 @@ def _excluded_keys(multirun_yaml: Path) -> set[str]:
 
 # ----------------------------------------------------------------------------- intransigence
 def _reference_key(row: dict[str, Any]) -> tuple:
-    return (
-        row.get("benchmark"),
-        row.get("scenario"),
-        _fmt_plain(row.get("seed")),
-        row.get("model"),
-        row.get("optimizer"),
-        row.get("experiment"),
-        _other_overrides(row),
-    )
+    """The job's setting but the method, λ and method options: what its joint reference shares."""
+    return (*(plain(row.get(k)) for k in IDENTITY if k not in ("method", "lambda")), _other_overrides(row))
 
 
 def _is_joint_reference(row: dict[str, Any]) -> bool:
@@ -320,17 +305,8 @@ def _options_text(options: Any) -> str:
 
 
 def _group_key(row: dict[str, Any]) -> tuple:
-    return (
-        row.get("method"),
-        _fmt_plain(row.get("lambda")),
-        row.get("benchmark"),
-        row.get("scenario"),
-        row.get("model"),
-        row.get("optimizer"),
-        row.get("experiment"),
-        _options_text(row.get("method_options")),
-        _other_overrides(row),
-    )
+    fields = (plain(row.get(k)) if k == "lambda" else row.get(k) for k in GROUP_FIELDS[:-2])
+    return (*fields, _options_text(row.get("method_options")), _other_overrides(row))
 
 
 def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -390,67 +366,49 @@ def _swept_value(item: dict[str, Any], key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- formatting
-def _fmt_plain(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None or math.isnan(v) else f"{100 * v:.2f}"
-
-
-def _pct_pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
-
-
 def _secs(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
 def _varying(rows: list[dict[str, Any]], key: str) -> bool:
-    return len({_fmt_plain(r.get(key)) for r in rows}) > 1
+    return len({plain(r.get(key)) for r in rows}) > 1
 
 
 def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tuple[str, Any]]:
     """(title, row → cell text) for the per-job tables: the identifying fields, one column per swept
     key, the metrics (intransigence only when some job has it), time and status; the job folder name
     only in the markdown (the terminal is narrow)."""
-    cols: list[tuple[str, Any]] = [("#", lambda r: _fmt_plain(r.get("num")))]
+    cols: list[tuple[str, Any]] = [("#", lambda r: plain(r.get("num")))]
     if with_job:
         cols.append(("job", lambda r: r["job"]))
     cols += [
-        ("method", lambda r: _fmt_plain(r.get("method"))),
-        ("λ", lambda r: _fmt_plain(r.get("lambda"))),
-        ("benchmark", lambda r: _fmt_plain(r.get("benchmark"))),
-        ("scenario", lambda r: _fmt_plain(r.get("scenario"))),
+        ("method", lambda r: plain(r.get("method"))),
+        ("λ", lambda r: plain(r.get("lambda"))),
+        ("benchmark", lambda r: plain(r.get("benchmark"))),
+        ("scenario", lambda r: plain(r.get("scenario"))),
     ]
-    for extra in ("model", "optimizer", "experiment"):
+    for extra in SETTINGS:
         if _varying(rows, extra):
-            cols.append((extra, lambda r, k=extra: _fmt_plain(r.get(k))))
+            cols.append((extra, lambda r, k=extra: plain(r.get(k))))
     for key in swept_keys(rows):
         cols.append((key, lambda r, k=key: _swept_value(r, k)))
-    cols.append(("seed", lambda r: _fmt_plain(r.get("seed"))))
+    cols.append(("seed", lambda r: plain(r.get("seed"))))
     for m in _metrics_shown(rows):
-        cols.append((f"{METRIC_TITLES[m]} %", lambda r, k=m: _pct(r.get(k))))
+        cols.append((f"{TITLES[m]} %", lambda r, k=m: pct(r.get(k))))
     cols += [("time s", lambda r: _secs(r.get("wall_time_s"))), ("status", lambda r: r.get("status", ""))]
     return cols
 
 
 def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     cols: list[tuple[str, Any]] = [
-        ("method", lambda g: _fmt_plain(g.get("method"))),
-        ("λ", lambda g: _fmt_plain(g.get("lambda"))),
-        ("benchmark", lambda g: _fmt_plain(g.get("benchmark"))),
-        ("scenario", lambda g: _fmt_plain(g.get("scenario"))),
+        ("method", lambda g: plain(g.get("method"))),
+        ("λ", lambda g: plain(g.get("lambda"))),
+        ("benchmark", lambda g: plain(g.get("benchmark"))),
+        ("scenario", lambda g: plain(g.get("scenario"))),
     ]
-    for extra in ("model", "optimizer", "experiment"):
+    for extra in SETTINGS:
         if _varying(groups, extra):
-            cols.append((extra, lambda g, k=extra: _fmt_plain(g.get(k))))
+            cols.append((extra, lambda g, k=extra: plain(g.get(k))))
     keys = [k for k in swept_keys(rows) if k != "seed"]
     for key in keys:
         cols.append((key, lambda g, k=key: _swept_value(g, k)))
@@ -462,19 +420,13 @@ def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
         cols.append(("options", lambda g: _options_text(g.get("method_options"))))
     cols.append(("ok / jobs", lambda g: f"{g['n_ok']} / {g['n_jobs']}"))
     for m in _metrics_shown(rows):
-        cols.append((f"{METRIC_TITLES[m]} %", lambda g, k=m: _pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
+        cols.append((f"{TITLES[m]} %", lambda g, k=m: pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
     cols.append(("time s", lambda g: _secs(g["wall_time_s_mean"])))
     return cols
 
 
 def _md_table(cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> str:
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(t) for t, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for it in items:
-        lines.append("| " + " | ".join(cell(f(it)) for _, f in cols) + " |")
-    return "\n".join(lines)
+    return md_table([t for t, _ in cols], ([f(it) for _, f in cols] for it in items))
 
 
 def _csv_value(v: Any) -> Any:
@@ -515,12 +467,6 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- write / print
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _csv_text(fields: Iterable[str], items: list[dict[str, Any]], getters: dict[str, Any] | None = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -571,7 +517,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
     (csv_path, md_path)."""
     sweep_dir = Path(sweep_dir)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    _write_atomic(csv_path, _job_csv(rows))
+    write_atomic(csv_path, _job_csv(rows))
 
     metrics_text = "ACC, BWT, FWT, forgetting, LA = learning accuracy"
     if "intransigence" in _metrics_shown(rows):
@@ -598,7 +544,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
             "",
             _md_table(_group_columns(groups, rows), groups),
         ]
-        _write_atomic(grouped_path, _grouped_csv(groups, rows))
+        write_atomic(grouped_path, _grouped_csv(groups, rows))
     elif grouped_path.exists():  # a rebuilt summary must not keep a stale grouped table
         grouped_path.unlink()
     png = sweep_dir / "tradeoff.png"
@@ -617,7 +563,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
             print(f"summary: no trade-off figure: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
     if not made and png.exists():
         png.unlink()
-    _write_atomic(md_path, "\n".join(md) + "\n")
+    write_atomic(md_path, "\n".join(md) + "\n")
     return csv_path, md_path
 
 
@@ -629,7 +575,7 @@ def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
     None when no series has two λ values. Values in percent; std is the sample std (0 for one seed)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     keys = swept_keys(rows)
-    extras = [e for e in ("benchmark", "scenario", "model", "optimizer", "experiment") if _varying(ok, e)]
+    extras = [e for e in ("benchmark", "scenario", *SETTINGS) if _varying(ok, e)]
 
     def label(r: dict[str, Any]) -> str:
         swept = [f"{k}={_swept_value(r, k)}" for k in keys if _swept_value(r, k)]
@@ -665,7 +611,7 @@ def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
 
     ok = [r for r in rows if r.get("status") == "ok"]
     where = ", ".join(
-        f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}"
+        f"{plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}"
         for k in ("benchmark", "scenario")
         if not _varying(ok, k)
     )
