@@ -36,6 +36,7 @@ from cl_runner.runfiles import (
     RunLock,
     check_not_busy,
     config_differences,
+    flatten,
     load_checkpoint,
     read_status,
     save_checkpoint,
@@ -408,17 +409,6 @@ def config_groups() -> dict[str, list[str]]:
     }
 
 
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, DictConfig):
-        return [prefix[:-1]]
-    keys = []
-    for k in node.keys():
-        keys += (
-            _flat_keys(node._get_node(k), f"{prefix}{k}.") if OmegaConf.is_dict(node._get_node(k)) else [f"{prefix}{k}"]
-        )
-    return keys
-
-
 def _compose(overrides: list[str]) -> DictConfig:
     with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return hydra.compose("config", overrides=overrides)
@@ -430,7 +420,8 @@ def _compose_error(e: Exception, overrides: list) -> str:
     key = e.__cause__.full_key if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) else None
     if key:
         try:  # the keys this command line has (a group choice brings its own keys)
-            keys = _flat_keys(_compose([o.input_line for o in overrides if o.key_or_group != key]))
+            others = _compose([o.input_line for o in overrides if o.key_or_group != key])
+            keys = list(flatten(OmegaConf.to_container(others, resolve=False)))
         except Exception:
             keys = []
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)

@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
 #: computed by the sweep summary only (it needs the joint reference runs)
 OPTIONAL_METRICS = ("intransigence",)
-TITLES = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "learning_accuracy": "LA"}
-TITLES["intransigence"] = "intransigence"
+TITLES = dict(
+    acc="ACC", bwt="BWT", fwt="FWT", forgetting="forgetting", learning_accuracy="LA", intransigence="intransigence"
+)
 STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
 #: identity field → its path in the composed config (``experiment``: Hydra's choice of that group)
 IDENTITY = {

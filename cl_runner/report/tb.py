@@ -4,13 +4,10 @@ writes into its own folder, so pointing TensorBoard at a sweep directory shows i
 
 HParams: each run writes a *session* (start info with its hyperparameters, the ``hparam/<metric>``
 scalars, end info with the status) into its own sub-run ``<run>/hparams`` that holds nothing else,
-so the dashboard offers exactly the headline metrics (it lists every scalar tag of a session's
-run and its sub-runs as a metric). Deliberately **no experiment summary**: TensorBoard's HParams
-plugin then builds the experiment from all sessions under the log directory: the union of the
-hyperparameter names (a method's own options appear as columns; runs without them leave them empty),
-a common type per name, and the scalar tags as metrics. ``SummaryWriter.add_hparams`` instead writes
-one experiment summary per run and the plugin picks one of them arbitrarily, which hides the
-columns of the other methods in a methods × λ sweep (and turns bools into 0/1).
+so the dashboard offers exactly the headline metrics. Deliberately **no experiment summary**: the
+plugin then builds it from all sessions under the log directory (the union of the hyperparameter
+names, so every method's options are columns). ``SummaryWriter.add_hparams`` writes one per run and
+the plugin picks one arbitrarily, hiding the other methods' columns (and turning bools into 0/1).
 
 Figures are drawn with matplotlib's Agg canvas (no pyplot, no display), imported only when a
 figure is drawn so that ``cl-run`` start-up does not pay for it.
@@ -26,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from cl_runner.schema import IDENTITY, METRICS, md_table, pct
 from cl_runner.trainer import TrainerEvents
@@ -54,14 +52,7 @@ def figure_to_array(fig) -> np.ndarray:
 
 
 def _as_percent(matrix: Sequence[Sequence[Any]]) -> np.ndarray:
-    rows = [list(r) for r in matrix]
-    n_cols = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), n_cols), np.nan)
-    for i, r in enumerate(rows):
-        for j, v in enumerate(r):
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                out[i, j] = 100.0 * float(v)
-    return out
+    return 100.0 * np.array(matrix, dtype=float)  # None → NaN; finished rows are all T long
 
 
 def heatmap_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = ()):
@@ -234,30 +225,21 @@ def tradeoff_figure(
 
 
 def _plain(value: Any) -> int | float | str | bool:
-    """An HParams value: bool/int/float/str as is (numpy scalars unwrapped), None → "none",
-    anything else (lists, dicts, OmegaConf containers) → its string form."""
-    if isinstance(value, np.generic):
+    """An HParams value: bool/int/float/str as is (numpy scalars and 0-d tensors unwrapped), None →
+    "none", containers (also OmegaConf's) → JSON, anything else → its string form."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if getattr(value, "ndim", None) == 0:
         value = value.item()
     if value is None:
         return "none"
     if isinstance(value, (bool, int, float, str)):
         return value
-    try:  # OmegaConf ListConfig/DictConfig → plain containers so the string reads like YAML/JSON
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensors
-        return _plain(value.item())
     return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
 def _metric_value(value: Any) -> float:
-    if hasattr(value, "item"):
-        value = value.item()
-    return float(value)
+    return float(value)  # also numpy scalars and 0-d tensors
 
 
 def _session_info(tag: str, **info: Any):
@@ -279,21 +261,12 @@ def write_hparams(
     trial: str | None = None,
     step: int = 0,
 ) -> None:
-    """Record this run as an HParams session in the writer's own folder (what
-    ``add_hparams(..., run_name=".")`` does, minus the per-run experiment summary; see the module
-    docstring). The logger gives it a writer of its own (``<run>/hparams``).
-
-    ``hparams`` values are converted with :func:`_plain` (None → "none", lists → JSON string,
-    bools stay bools). Each metric is written once, as the scalar ``hparam/<name>`` at ``step`` (a
-    name that already starts with ``hparam/`` is kept); a None metric (e.g. FWT of a one-task
-    stream, BWT of joint training on all tasks at once) is left out, so the run shows an empty
-    cell. Every run is its own session group, named ``trial`` (the dashboard's trial id; the logger
-    passes the run's folder name, e.g. ``3_lambda=10,method=ewc (2025-01-01_12-00-00)``); without
-    a name, a hash of all hyperparameters. Seeds are never grouped: the dashboard copies one
-    session's values into a group's row, so grouping seeds would show a wrong seed (summary.md has
-    the mean ± std). ``status`` "ok" → STATUS_SUCCESS, "failed"/"diverged" → STATUS_FAILURE,
-    anything else (interrupted, cancelled, timeout: resumable) → STATUS_UNKNOWN.
-    """
+    """Record this run as an HParams session in the writer's folder (``add_hparams(..., run_name=".")``
+    minus the experiment summary; see the module docstring). Values through :func:`_plain`; each
+    metric once, as the scalar ``hparam/<name>`` at ``step``, a None metric left out (an empty cell).
+    Every run is its own session group named ``trial`` (the logger passes the run's folder name;
+    default: a hash of the hyperparameters): grouping seeds would show one session's seed for all.
+    ``status`` ok → SUCCESS, failed/diverged → FAILURE, others (resumable) → UNKNOWN."""
     import hashlib
 
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2

@@ -71,13 +71,10 @@ class ConsoleLogger(TrainerEvents):
             table.add_row(f"T{i + 1}", *map(pct, row))
         self.console.print(table)
         strength = "" if result["lambda"] is None else f" (λ={result['lambda']:g})"
-        m = Table(
-            title=f"{result['method']}{strength} on {result['benchmark']}, {result['scenario']}-IL, "
-            f"seed {result['seed']}"
-        )
-        for name in METRICS:
-            m.add_column(TITLES[name], justify="right")
-        m.add_column("time", justify="right")
+        where = f"{result['benchmark']}, {result['scenario']}-IL, seed {result['seed']}"
+        m = Table(*(TITLES[n] for n in METRICS), "time", title=f"{result['method']}{strength} on {where}")
+        for column in m.columns:
+            column.justify = "right"
         m.add_row(*[pct(result[n], blank="n/a") for n in METRICS], f"{result['wall_time_s']:.1f}s")
         self.console.print(m)
         self.where(result)
