@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+from cl_runner.app import config_groups
 from cl_runner.schema import md_table, pct_pm
 
 ALIASES = {"finetune_sgd": ["method=finetune", "optimizer=sgd"]}
@@ -168,28 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
+    known = config_groups()["experiment"]
     try:
         entries = [parse_entry(e) for e in args.methods]
+        labels = [lab for lab, _ in entries]
+        if unknown := [p for p in args.presets if p not in known]:
+            raise ValueError(f"unknown preset {', '.join(unknown)}; choose from: {', '.join(known)}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--methods has repeated labels: {' '.join(labels)}")
+        if args.jobs < 1 or args.threads < 1:
+            raise ValueError("--jobs and --threads must be at least 1")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    from importlib import resources
-
-    known = sorted(
-        f.name[:-5]
-        for f in resources.files("cl_runner.configs").joinpath("experiment").iterdir()
-        if f.name.endswith(".yaml")
-    )
-    unknown = [p for p in args.presets if p not in known]
-    if unknown:
-        print(f"error: unknown preset {', '.join(unknown)}; choose from: {', '.join(known)}", file=sys.stderr)
-        return 2
-    labels = [lab for lab, _ in entries]
-    if len(set(labels)) != len(labels):
-        print(f"error: --methods has repeated labels: {' '.join(labels)}", file=sys.stderr)
-        return 2
-    if args.jobs < 1 or args.threads < 1:
-        print("error: --jobs and --threads must be at least 1", file=sys.stderr)
         return 2
     out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = out.resolve()
