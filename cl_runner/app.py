@@ -7,6 +7,7 @@ records ``metrics.json`` with ``status: failed`` and the sweep goes on, so its s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import math
@@ -21,17 +22,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from cl_runner import schema
 from cl_runner.data.datasets import DatasetUnavailable
 from cl_runner.data.stream import SCENARIOS
-from cl_runner.identity import run_identity
 from cl_runner.runfiles import (
     CHECKPOINT,
     CONFIG,
     RunLock,
     check_not_busy,
     config_differences,
+    flatten,
     load_checkpoint,
     read_status,
     save_checkpoint,
@@ -108,7 +113,6 @@ def resolve_device(name: Any) -> torch.device:
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 #: a folder whose metrics.json has one of these statuses is never run again
 FINISHED = ("ok", "diverged")
-METRIC_KEYS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
 
 
 class AlreadyFinished(ValueError):
@@ -157,16 +161,11 @@ def _termination_as_interrupt():
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The config values that identify a run (in metrics.json and the sweep summary)."""
-    experiment = None
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    """The run's :data:`cl_runner.schema.IDENTITY` fields; the experiment is Hydra's choice of that group."""
+    from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized():
-            experiment = HydraConfig.get().runtime.choices.get("experiment")
-    except Exception:
-        pass
-    return run_identity(cfg, experiment)
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    return schema.identity(cfg, experiment)
 
 
 def check_same_config(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
@@ -190,8 +189,9 @@ def _claim_config(out_dir: Path, resolved: dict[str, Any]) -> None:
         write_atomic(out_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[str, Any]:
+def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None, checked: bool = False) -> dict[str, Any]:
     """Run one experiment described by a composed config; write its files into ``out_dir``.
+    ``checked``: :func:`validate` already passed (cl-run's precheck of a single run), not repeated.
 
     Resumes from ``out_dir``'s checkpoint when there is one (same config required). Returns the
     content of ``metrics.json``. Raises ValueError/DatasetUnavailable for bad input,
@@ -201,7 +201,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None) -> dict[s
     import torch
 
     out_dir = Path(out_dir)
-    validate(cfg)
+    if not checked:
+        validate(cfg)
     device = resolve_device(cfg.device)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,10 +227,12 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     import torch
 
     from cl_runner.data.benchmarks import build_stream
-    from cl_runner.loggers import ConsoleLogger, Fanout, TensorBoardLogger, write_result_files
     from cl_runner.methods import method_from_config
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
+    from cl_runner.report.files import write_result_files
+    from cl_runner.report.tb import TensorBoardLogger, run_hparams
+    from cl_runner.report.terminal import ConsoleLogger, Fanout
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
 
     start = time.perf_counter()
@@ -238,12 +241,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(device)
     ident = identity(cfg)
     method = method_from_config(cfg.method, cfg.get("lambda"))
-    hparams = {k: ident[k] for k in ("method", "benchmark", "scenario", "seed", "model", "optimizer")}
-    hparams["lambda"] = method.strength if method.uses_strength else None
-    hparams.update({f"method.{k}": v for k, v in ident["method_options"].items()})
-    hparams.update(
-        {"lr": cfg.optimizer.lr, "epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size}
-    )
+    hparams = run_hparams(ident, method.strength if method.uses_strength else None, cfg)
     saved = load_checkpoint(out_dir, device)
     earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
     console_log = ConsoleLogger(console, run_dir=out_dir)
@@ -286,7 +284,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
             message = f"interrupted during task {task}; run the same command again to resume"
         matrix, initial = trainer.matrix, trainer.initial
         undefined = method.undefined_metrics()
-        metrics = all_metrics(matrix, initial) if status == "ok" else dict.fromkeys(METRIC_KEYS)
+        metrics = all_metrics(matrix, initial) if status == "ok" else dict.fromkeys(schema.METRICS)
         metrics.update(dict.fromkeys(undefined))
         result = {
             "status": status,
@@ -325,13 +323,13 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
 
 def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | None = None) -> None:
     """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
-    from cl_runner.loggers import write_result_files
+    from cl_runner.report.files import write_result_files
 
     previous = read_status(out_dir)
     if previous is not None and previous.get("status") in FINISHED:
         return
     result = {"status": "failed", "error": message, **identity(cfg)}
-    result.update({k: None for k in (*METRIC_KEYS, "wall_time_s")})
+    result.update(dict.fromkeys((*schema.METRICS, "wall_time_s")))
     write_result_files(out_dir, result)
     if details:
         write_atomic(out_dir / "error.log", details)
@@ -357,7 +355,7 @@ def hydra_main(cfg: DictConfig) -> None:
         _SWEEP["dir"] = hc.sweep.dir
     job = f"job {hc.job.num}: " if multirun else ""
     try:
-        run_experiment(cfg, out_dir)
+        run_experiment(cfg, out_dir, checked=not multirun)  # a single run was validated by precheck
     except AlreadyFinished as e:
         if not multirun:
             print(f"error: {e}", file=sys.stderr)
@@ -411,32 +409,25 @@ def config_groups() -> dict[str, list[str]]:
     }
 
 
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, DictConfig):
-        return [prefix[:-1]]
-    keys = []
-    for k in node.keys():
-        keys += (
-            _flat_keys(node._get_node(k), f"{prefix}{k}.") if OmegaConf.is_dict(node._get_node(k)) else [f"{prefix}{k}"]
-        )
-    return keys
+def _compose(overrides: list[str]) -> DictConfig:
+    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        return hydra.compose("config", overrides=overrides)
 
 
-def _compose_error(e: Exception, others: list[str]) -> str:
-    msg = str(e)
-    m = re.search(r"Could not override '([^']+)'", msg)
-    if m:
-        key = m.group(1)
+def _compose_error(e: Exception, overrides: list) -> str:
+    """One line for a failed composition; an unknown key (OmegaConf names it in the cause) gets the
+    closest key of the config the other overrides compose to."""
+    key = e.__cause__.full_key if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) else None
+    if key:
         try:  # the keys this command line has (a group choice brings its own keys)
-            with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-                keys = _flat_keys(hydra.compose("config", overrides=others))
+            others = _compose([o.input_line for o in overrides if o.key_or_group != key])
+            keys = list(flatten(OmegaConf.to_container(others, resolve=False)))
         except Exception:
             keys = []
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else "it is not in the config"
         return f"unknown key '{key}': {hint} (`cl-run --cfg job` lists the keys)"
-    if e.__cause__ is not None:
-        msg = f"{msg} ({e.__cause__})"
+    msg = str(e) if e.__cause__ is None else f"{e} ({e.__cause__})"
     return " ".join(msg.replace("Error merging override", "cannot apply").split())
 
 
@@ -495,18 +486,36 @@ def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
         )
 
 
+def _raise(e: Exception):
+    raise e
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags of Hydra's command line that decide what precheck checks (Hydra parses them again)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.error = lambda message: _raise(UsageError(message))  # one line, like every bad input
+    p.add_argument("overrides", nargs="*")
+    for flags in (["-h", "--help"], ["--hydra-help"], ["--version"], ["-sc", "--shell-completion"], ["--resolve"]):
+        p.add_argument(*flags, action="store_true")
+    p.add_argument("-m", "--multirun", action="store_true")
+    p.add_argument("-r", "--run", action="store_true")
+    for flags in (["-c", "--cfg"], ["-p", "--package"], ["-cp", "--config-path"], ["-cn", "--config-name"]):
+        p.add_argument(*flags)
+    p.add_argument("-cd", "--config-dir")
+    p.add_argument("--experimental-rerun")
+    p.add_argument("-i", "--info", nargs="?", const="all")
+    return p.parse_args(argv)
+
+
 def precheck(argv: list[str]) -> None:
     """Check the command line before Hydra runs, so that bad input gives one line and no files."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.shell_completion:
+    args = _parse_args(argv)
+    if args.help or args.hydra_help or args.version or args.shell_completion:
         return
     inspect_only = bool(args.cfg or args.info)  # --cfg/--info: the config must still compose
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception as e:
+    except OverrideParseException as e:
         raise UsageError(_one_line(e)) from None
     groups = config_groups()
     representative, sweep, folders = [], bool(args.multirun), {}
@@ -525,12 +534,9 @@ def precheck(argv: list[str]) -> None:
         prefix = "+" if o.is_add() else "++" if o.is_force_add() else "~" if o.is_delete() else ""
         representative.append(f"{prefix}{key}={values[0]}" if not o.is_delete() else o.input_line)
     try:
-        with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra.compose("config", overrides=representative)
-    except Exception as e:
-        bad = re.search(r"Could not override '([^']+)'", str(e))
-        others = [r for r in representative if not bad or r.lstrip("+~").split("=")[0] != bad.group(1)]
-        raise UsageError(_compose_error(e, others)) from None
+        cfg = _compose(representative)
+    except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
+        raise UsageError(_compose_error(e, OverridesParser.create().parse_overrides(representative))) from None
     if inspect_only:
         return
     if not sweep:
@@ -567,13 +573,13 @@ def main() -> None:
         sweep_dir = _SWEEP.get("dir")
         where = ""
         if sweep_dir:
-            from cl_runner.sweep import summarize
+            from cl_runner.report.summary import summarize
 
             summarize(sweep_dir, quiet=True)
             where = f" in {sweep_dir}"
         print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    from cl_runner import sweep
+    from cl_runner.report import summary as sweep
 
     if sweep.LAST_ROWS is not None:  # a finished multirun: 1 when some job did not end ok
         sys.exit(sweep.sweep_status(sweep.LAST_ROWS))

@@ -1,5 +1,5 @@
-"""The config values that identify a run, read from a composed config (in metrics.json and the
-sweep summary). No torch import: the sweep summary uses it on ``.hydra/config.yaml`` files."""
+"""Sweep jobs and their folder names, from the sweep's ``multirun.yaml`` (the run's identity fields
+are in :mod:`cl_runner.schema`). No torch import: Hydra resolves ``${cl_job_dirname:}`` at start-up."""
 
 from __future__ import annotations
 
@@ -8,41 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-FIELDS = (
-    ("method", "method.name"),
-    ("lambda", "lambda"),
-    ("benchmark", "benchmark.name"),
-    ("scenario", "scenario"),
-    ("seed", "seed"),
-    ("model", "model.name"),
-    ("optimizer", "optimizer.name"),
-)
-
-
-def _select(cfg: DictConfig, path: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    except Exception:  # a broken interpolation must not hide the rest (e.g. a failure being recorded)
-        return None
-
-
-def run_identity(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
-    """method, lambda, benchmark, scenario, seed, model, optimizer, experiment and the method's
-    options (resolved one by one, so that one broken value does not lose the others)."""
-    ident: dict[str, Any] = {key: _select(cfg, path) for key, path in FIELDS}
-    ident["experiment"] = experiment
-    method = cfg.get("method")
-    ident["method_options"] = (
-        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda") and not str(k).startswith("_")}
-        if isinstance(method, DictConfig)
-        else {}
-    )
-    return ident
-
 
 # ----------------------------------------------------------------------------- sweep jobs and their folders
-def _parse_overrides(lines: list[str], config_loader: Any = None) -> list:
+def parse_overrides(lines: list[str], config_loader: Any = None) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create(config_loader=config_loader).parse_overrides([str(x) for x in lines])
@@ -65,7 +33,7 @@ def sweep_jobs(multirun_yaml: str | Path) -> list[list[str]] | None:
             return None
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
         lines = [f"{k}={v}" for k, v in params.items()] + list(task)
-        batches = BasicSweeper.split_arguments(_parse_overrides(lines), None)
+        batches = BasicSweeper.split_arguments(parse_overrides(lines), None)
         return [list(job) for batch in batches for job in batch]
     except Exception:  # a glob over config groups needs a config loader; other sweepers: unknown
         return None
@@ -77,11 +45,8 @@ def _key_value(override) -> tuple[str, str]:
 
 def varying_keys(jobs: list[list[str]]) -> set[str]:
     """Keys whose value differs between the jobs (or that only some jobs set)."""
-    seen: dict[str, set[str]] = {}
-    parsed = [dict(_key_value(o) for o in _parse_overrides(job)) for job in jobs]
-    for key in {k for p in parsed for k in p}:
-        seen[key] = {p.get(key, "") for p in parsed}
-    return {k for k, values in seen.items() if len(values) > 1}
+    parsed = [dict(map(_key_value, parse_overrides(job))) for job in jobs]
+    return {k for k in {k for p in parsed for k in p} if len({p.get(k, "") for p in parsed}) > 1}
 
 
 def job_dirname(num: int | str, overrides: list[str], varying: set[str] | None, exclude: set[str] = frozenset()) -> str:
@@ -92,7 +57,7 @@ def job_dirname(num: int | str, overrides: list[str], varying: set[str] | None, 
     are used, like Hydra's ``override_dirname``."""
     lines = sorted(
         line
-        for key, line in map(_key_value, _parse_overrides(overrides))
+        for key, line in map(_key_value, parse_overrides(overrides))
         if key not in exclude and (not varying or key in varying)
     )
     name = ",".join(lines).replace("/", "_")

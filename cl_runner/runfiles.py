@@ -111,18 +111,18 @@ def load_checkpoint(folder: str | Path, device: Any = None) -> dict[str, Any] | 
     return torch.load(path, map_location=device, weights_only=False)
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, Mapping):
         out: dict[str, Any] = {}
         for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: node}
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``key (old → new)`` for every key whose value differs, ignoring :data:`NOT_COMPARED`."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = flatten(saved), flatten(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in NOT_COMPARED:

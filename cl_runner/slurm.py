@@ -196,8 +196,8 @@ def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[s
     writer: over an ``interrupted`` result it keeps the run's fields and finished rows; with no result
     it writes the identity fields like ``cl_runner.app.record_failure`` (the folder is created for a
     job that never started), plus the rows of ``checkpoint.pt`` when there is one."""
-    from cl_runner.identity import run_identity
-    from cl_runner.loggers import write_result_files
+    from cl_runner import schema
+    from cl_runner.report.files import write_result_files
 
     out_dir = Path(out_dir)
     previous = read_metrics(out_dir)
@@ -210,8 +210,8 @@ def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[s
             experiment = cfg.hydra.runtime.choices.get("experiment")
         except Exception:  # noqa: BLE001 - a config without Hydra's node (tests)
             experiment = None
-        result = {"status": status, "error": message, **run_identity(cfg, experiment)}
-        result.update(dict.fromkeys(("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "wall_time_s")))
+        result = {"status": status, "error": message, **schema.identity(cfg, experiment)}
+        result.update(dict.fromkeys((*schema.METRICS, "wall_time_s")))
         rows = _checkpoint_rows(out_dir)
         if rows:
             result.update(rows)

@@ -9,9 +9,9 @@
    this MLP takes, and by the generic torch.func path on --func-samples samples (with the per-sample
    time and its extrapolation to 60,000; it is linear in the number of samples).
 
-Data: the MNIST training images from ``<data_dir>/MNIST/raw/train-images-idx3-ubyte`` (padded to
-32×32, normalized with Hsu et al.'s mean 0.1 / std 0.2752) when present, random tensors of the
-same shape otherwise. Usage::
+Data: the MNIST training images read by the package's loader from ``<data_dir>`` (torchvision's
+layout; padded to 32×32, normalized with Hsu et al.'s mean 0.1 / std 0.2752) when present, random
+tensors of the same shape otherwise. Usage::
 
     python scripts/bench_methods.py [--data-dir /work/shared/data] [--threads 1] [--device cpu]
         [--steps 200] [--samples 60000] [--func-samples 2000] [--fisher-batch 32 64]
@@ -20,18 +20,16 @@ same shape otherwise. Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
+from cl_runner.data import transforms as T
+from cl_runner.data.datasets import DatasetUnavailable, load_dataset
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods import build_method, eval_mode, per_sample
 from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
@@ -50,23 +48,15 @@ METHODS = [
 ]
 
 
-def read_idx_images(path: Path) -> torch.Tensor:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    n, h, w = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
-    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=16).reshape(n, 1, h, w).copy())
-
-
 def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
-    for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"):
-        path = Path(data_dir or ".") / "MNIST" / "raw" / name
-        if data_dir and path.exists():
-            x = read_idx_images(path)[:n].float() / 255.0
-            x = nn.functional.pad(x, (2, 2, 2, 2))
-            return (x - 0.1) / 0.2752, f"MNIST ({path})"
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 1, 32, 32, generator=g), "random tensors (MNIST not found)"
+    """MNIST's first ``n`` training images through the package's loader, padded to 32×32 and
+    normalized like Hsu et al.; random tensors of the same shape when MNIST is not on disk."""
+    try:
+        raw = load_dataset("mnist", data_dir or ".", download=False, seed=0)
+    except DatasetUnavailable:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(n, 1, 32, 32, generator=g), "random tensors (MNIST not found)"
+    return (T.pad(raw.x_train[:n], 32) - 0.1) / 0.2752, f"MNIST ({data_dir})"
 
 
 def sync(device: torch.device) -> None:

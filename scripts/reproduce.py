@@ -6,7 +6,8 @@ Each (preset, method entry) is one Hydra multirun of the runner over the seeds::
 
     cl-run -m experiment=<preset> <method overrides> seed=0,1,2 hydra.sweep.dir=<out>/<preset>/<label> <extra>
 
-then every job's ``metrics.json`` is read back from disk (``cl_runner.sweep.collect``).
+and the table is a view of the multiruns' summaries (``cl_runner.report.summary``: ``collect`` reads every
+job's ``metrics.json`` back from disk, ``group`` gives the mean ± std over the seeds).
 
 Method entries:
   ``ewc``                         → ``method=ewc``
@@ -38,13 +39,15 @@ import io
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+
+from cl_runner.app import config_groups
+from cl_runner.schema import md_table, pct_pm
 
 ALIASES = {"finetune_sgd": ["method=finetune", "optimizer=sgd"]}
 DEFAULT_METHODS = ["finetune", "finetune_sgd", "l2", "ewc", "online_ewc", "si", "mas", "joint"]
@@ -97,23 +100,23 @@ def run_one(
 
 
 def summarize(preset: str, label: str, sweep_dir: Path) -> dict:
-    from cl_runner.sweep import collect
+    """One entry's multirun, from its summary's rows (``cl_runner.report.summary``): the setting's
+    ACC mean ± sample std over the ok seeds (fractions), counts, errors."""
+    from cl_runner.report.summary import collect, group
 
     rows = collect(sweep_dir) if sweep_dir.exists() else []
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("acc") is not None]
-    accs = [100.0 * r["acc"] for r in ok]
-    walls = [r["wall_time_s"] for r in ok if r.get("wall_time_s") is not None]
-    scenario = next((r.get("scenario") for r in rows if r.get("scenario")), "")
+    g = max(group(rows), key=lambda g: g["n_ok"], default={})  # one setting over the seeds
+    ok = [r for r in rows if r.get("status") == "ok"]
     return {
         "preset": preset,
-        "scenario": scenario,
+        "scenario": next((r["scenario"] for r in rows if r.get("scenario")), ""),
         "method": label,
         "n_ok": len(ok),
         "n_failed": len(rows) - len(ok),
-        "acc_mean": statistics.fmean(accs) if accs else None,
-        "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
+        "acc_mean": g.get("acc_mean"),
+        "acc_std": g.get("acc_std"),
         "seeds": " ".join(str(r.get("seed")) for r in ok),
-        "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+        "wall_time_s_mean": g.get("wall_time_s_mean"),
         "errors": sorted({str(r.get("error")) for r in rows if r not in ok}),
     }
 
@@ -121,20 +124,16 @@ def summarize(preset: str, label: str, sweep_dir: Path) -> dict:
 def cell(res: dict, n_seeds: int) -> str:
     if res["acc_mean"] is None:
         return "failed" if res["n_failed"] else "–"
-    text = f"{res['acc_mean']:.2f}" + (f" ± {res['acc_std']:.2f}" if res["acc_std"] is not None else "")
+    text = pct_pm(res["acc_mean"], res["acc_std"])
     return text if res["n_ok"] == n_seeds else f"{text} (n={res['n_ok']})"
 
 
 def markdown(results: list[dict], presets: list[str], labels: list[str], n_seeds: int) -> str:
+    """Rows = method entries, columns = presets (with their scenario)."""
     by = {(r["preset"], r["method"]): r for r in results}
-    heads = []
-    for p in presets:
-        sc = next((r["scenario"] for r in results if r["preset"] == p and r["scenario"]), "")
-        heads.append(f"{p} ({sc}-IL)" if sc else p)
-    lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(presets)]
-    for lab in labels:
-        lines.append(f"| {lab} | " + " | ".join(cell(by[(p, lab)], n_seeds) for p in presets) + " |")
-    return "\n".join(lines) + "\n"
+    scenario = {r["preset"]: r["scenario"] for r in results if r["scenario"]}
+    heads = [f"{p} ({scenario[p]}-IL)" if p in scenario else p for p in presets]
+    return md_table(["method", *heads], ([lab, *(cell(by[p, lab], n_seeds) for p in presets)] for lab in labels)) + "\n"
 
 
 def to_csv(results: list[dict]) -> str:
@@ -142,8 +141,10 @@ def to_csv(results: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
+    percent = {"acc_mean", "acc_std"}
     for r in results:
-        w.writerow({k: ("" if r[k] is None else round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in fields})
+        row = {k: 100 * r[k] if k in percent and r[k] is not None else r[k] for k in fields}
+        w.writerow({k: "" if v is None else round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return buf.getvalue()
 
 
@@ -168,28 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
+    known = config_groups()["experiment"]
     try:
         entries = [parse_entry(e) for e in args.methods]
+        labels = [lab for lab, _ in entries]
+        if unknown := [p for p in args.presets if p not in known]:
+            raise ValueError(f"unknown preset {', '.join(unknown)}; choose from: {', '.join(known)}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--methods has repeated labels: {' '.join(labels)}")
+        if args.jobs < 1 or args.threads < 1:
+            raise ValueError("--jobs and --threads must be at least 1")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    from importlib import resources
-
-    known = sorted(
-        f.name[:-5]
-        for f in resources.files("cl_runner.configs").joinpath("experiment").iterdir()
-        if f.name.endswith(".yaml")
-    )
-    unknown = [p for p in args.presets if p not in known]
-    if unknown:
-        print(f"error: unknown preset {', '.join(unknown)}; choose from: {', '.join(known)}", file=sys.stderr)
-        return 2
-    labels = [lab for lab, _ in entries]
-    if len(set(labels)) != len(labels):
-        print(f"error: --methods has repeated labels: {' '.join(labels)}", file=sys.stderr)
-        return 2
-    if args.jobs < 1 or args.threads < 1:
-        print("error: --jobs and --threads must be at least 1", file=sys.stderr)
         return 2
     out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = out.resolve()

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from cl_runner.app import run_experiment
-from cl_runner.loggers import read_matrix_csv
+from cl_runner.report.files import read_matrix_csv
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cl_runner import sweep
+from cl_runner.report import summary as sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # `cl-run` through the same interpreter (works whether or not the venv's bin/ is on PATH)
@@ -267,7 +267,7 @@ def test_slurm_launcher_preset_composes():
     assert (launcher.partition, launcher.timeout_min) == ("gpu", 30)
     assert launcher.gpus_per_node is None and launcher.array_parallelism == 16
     assert launcher.cpus_per_task == 1 and launcher.mem_gb is None  # mem_gb: from the benchmark
-    assert cfg.hydra.callbacks.summary._target_ == "cl_runner.sweep.SummaryCallback"
+    assert cfg.hydra.callbacks.summary._target_ == "cl_runner.report.summary.SummaryCallback"
 
 
 # ----------------------------------------------------------------------------- real sweeps
@@ -403,7 +403,10 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     assert res.stdout.strip().splitlines()[-2].startswith(f"summary: {out.resolve() / 'summary.md'}")
     # rebuilding: same table, exit code 0 (all ok); a job folder removed → a missing row named like it
     summary = subprocess.run(
-        [sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert summary.returncode == 0, summary.stderr
     import shutil
@@ -416,7 +419,10 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
     ]
     assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
     summary = subprocess.run(
-        [sys.executable, "-m", "cl_runner.sweep", str(out), "--quiet"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert summary.returncode == 1
 
@@ -694,5 +700,5 @@ def test_cl_run_summary_console_script_is_declared():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["cl-run-summary"] == "cl_runner.sweep:main"
+    assert project["scripts"]["cl-run-summary"] == "cl_runner.report.summary:main"
     assert any(d.startswith("matplotlib") for d in project["dependencies"])

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
-from cl_runner import tb_extras
-from cl_runner.tb_extras import accuracy_heatmap, write_hparams, write_importance_histograms
+from cl_runner.report import tb as tb_extras
+from cl_runner.report.tb import accuracy_heatmap, write_hparams, write_importance_histograms
 
 
 def _acc(path) -> EventAccumulator:
@@ -264,7 +264,7 @@ class _FakeMethod:
 
 def _log_a_run(run_dir, matrix, initial, steps_per_task, status="ok"):
     """Drive TensorBoardLogger with the trainer's events for a hand-written run."""
-    from cl_runner.loggers import TensorBoardLogger
+    from cl_runner.report.tb import TensorBoardLogger
 
     tb = TensorBoardLogger(run_dir, len(matrix), trial=None)
     tb.evaluated(-1, initial)

@@ -468,7 +468,7 @@ def test_reduced_resnet18_width():
 
     from cl_runner.models.cifar import ResNet18
 
-    small, full = ResNet18((3, 32, 32), 10, width=20), ResNet18((3, 32, 32), 10)
+    small, full = ResNet18((3, 32, 32), 10, width=20), ResNet18((3, 32, 32), 10, width=64)
     assert small.head.in_features == 160 and full.head.in_features == 512
     assert small.body.conv1.kernel_size == (3, 3) and isinstance(small.body.maxpool, nn.Identity)
     n_small = sum(p.numel() for p in small.parameters())

@@ -1,7 +1,8 @@
 """Build a :class:`TaskStream` from a ``benchmark`` config: load the dataset(s) once, move them to
 the device, apply the task transforms as tensor operations, and assign output units per scenario.
 
-Benchmark kinds (``benchmark.kind``):
+Benchmark kinds (``benchmark.kind``), each a builder registered in ``KINDS`` (``@register_kind("name")``) that
+turns the loaded datasets into the stream's tasks (a :class:`Part` each):
 
 - ``split``:    one dataset cut into tasks by class (``n_tasks`` × ``classes_per_task``; fixed
                 ``class_order`` or, with ``shuffle_classes``, an order drawn from the seed);
@@ -19,7 +20,8 @@ Order of operations: pad → task transform (permutation / rotation) → normali
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +31,29 @@ from cl_runner.data import transforms as T
 from cl_runner.data.datasets import SHAPES, RawDataset, load_dataset
 from cl_runner.data.stream import Task, TaskStream, assign_units, label_to_unit
 
-KINDS = ("split", "permuted", "rotated", "sequence")
+
+@dataclass
+class Part:
+    """One task before normalization, subsetting and unit assignment."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: list[int]
+
+
+Builder = Callable[[Mapping[str, Any], list[RawDataset], torch.Generator], list[Part]]
+KINDS: dict[str, Builder] = {}
+
+
+def register_kind(name: str) -> Callable[[Builder], Builder]:
+    def register(fn: Builder) -> Builder:
+        KINDS[name] = fn
+        return fn
+
+    return register
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -103,61 +127,26 @@ def build_stream(
     if len(shapes) != 1:
         raise ValueError(f"benchmark.datasets have different image shapes {sorted(shapes)}; set benchmark.pad")
 
-    # (name, x_train, y_train, x_test, y_test, classes) per task, before normalization
-    parts: list[tuple[str, Tensor, Tensor, Tensor, Tensor, list[int]]] = []
-    raw = raws[0]
-    all_classes = list(range(raw.n_classes))
-    if kind == "split":
-        n_tasks = int(_get(cfg, "n_tasks", 5))
-        per_task = int(_get(cfg, "classes_per_task", raw.n_classes // n_tasks))
-        order = list(_get(cfg, "class_order", all_classes))
-        if _get(cfg, "shuffle_classes", False):
-            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
-        if n_tasks * per_task > len(order):
-            raise ValueError(
-                f"benchmark asks for {n_tasks} tasks × {per_task} classes but {raw.name} has {len(order)} classes"
-            )
-        for t in range(n_tasks):
-            classes = [int(c) for c in order[t * per_task : (t + 1) * per_task]]
-            cls = torch.as_tensor(classes, device=device)
-            tr, te = torch.isin(raw.y_train, cls), torch.isin(raw.y_test, cls)
-            name = f"{raw.name}[{','.join(map(str, classes))}]"
-            parts.append((name, raw.x_train[tr], raw.y_train[tr], raw.x_test[te], raw.y_test[te], classes))
-    elif kind == "permuted":
-        n_pixels = raw.x_train.shape[-1] * raw.x_train.shape[-2]
-        for t in range(int(_get(cfg, "n_tasks", 10))):
-            perm = T.pixel_permutation(n_pixels, g)  # drawn for every task so seeds match either way
-            if t == 0 and not _get(cfg, "permute_first", True):
-                xtr, xte = raw.x_train, raw.x_test
-            else:
-                xtr, xte = T.permute_pixels(raw.x_train, perm), T.permute_pixels(raw.x_test, perm)
-            parts.append((f"{raw.name}-perm{t}", xtr, raw.y_train, xte, raw.y_test, all_classes))
-    elif kind == "rotated":
-        for angle in _get(cfg, "angles", [0, 20, 40, 60, 80]):
-            xtr, xte = T.rotate(raw.x_train, angle), T.rotate(raw.x_test, angle)
-            parts.append((f"{raw.name}-rot{angle:g}", xtr, raw.y_train, xte, raw.y_test, all_classes))
-    else:
-        for r in raws:
-            parts.append((r.name, r.x_train, r.y_train, r.x_test, r.y_test, list(range(r.n_classes))))
-
+    parts = KINDS[kind](cfg, raws, g)
     norm = _get(cfg, "normalize", None)
     if norm == "auto":
         mean, std = T.channel_stats(torch.cat([r.x_train for r in raws]))
     elif norm is not None:
         mean, std = norm["mean"], norm["std"]
 
-    train_units, own_units, n_outputs = assign_units([p[5] for p in parts], scenario)
+    train_units, own_units, n_outputs = assign_units([p.classes for p in parts], scenario)
     max_train, max_test = _get(cfg, "max_train_per_task"), _get(cfg, "max_test_per_task")
     tasks = []
-    for t, (name, xtr, ytr, xte, yte, classes) in enumerate(parts):
-        xtr, ytr = _subset(xtr, ytr, max_train, g)
-        xte, yte = _subset(xte, yte, max_test, g)
+    for t, p in enumerate(parts):
+        xtr, ytr = _subset(p.x_train, p.y_train, max_train, g)
+        xte, yte = _subset(p.x_test, p.y_test, max_test, g)
+        classes = p.classes
         if norm is not None:
             xtr, xte = T.normalize(xtr, mean, std), T.normalize(xte, mean, std)
         tasks.append(
             Task(
                 id=t,
-                name=name,
+                name=p.name,
                 x_train=xtr.contiguous(),
                 y_train=label_to_unit(ytr.cpu(), classes, own_units[t]).to(device),
                 x_test=xte.contiguous(),
@@ -173,6 +162,63 @@ def build_stream(
         scenario=scenario,
         tasks=tasks,
         n_outputs=n_outputs,
-        input_shape=tuple(parts[0][1].shape[1:]),
+        input_shape=tuple(parts[0].x_train.shape[1:]),
         info=info,
     )
+
+
+@register_kind("split")
+def split(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
+    raw = raws[0]
+    n_tasks = int(_get(cfg, "n_tasks", 5))
+    per_task = int(_get(cfg, "classes_per_task", raw.n_classes // n_tasks))
+    order = list(_get(cfg, "class_order", range(raw.n_classes)))
+    if _get(cfg, "shuffle_classes", False):
+        order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+    if n_tasks * per_task > len(order):
+        raise ValueError(
+            f"benchmark asks for {n_tasks} tasks × {per_task} classes but {raw.name} has {len(order)} classes"
+        )
+    parts = []
+    for t in range(n_tasks):
+        classes = [int(c) for c in order[t * per_task : (t + 1) * per_task]]
+        cls = torch.as_tensor(classes, device=raw.y_train.device)
+        tr, te = torch.isin(raw.y_train, cls), torch.isin(raw.y_test, cls)
+        name = f"{raw.name}[{','.join(map(str, classes))}]"
+        parts.append(Part(name, raw.x_train[tr], raw.y_train[tr], raw.x_test[te], raw.y_test[te], classes))
+    return parts
+
+
+@register_kind("permuted")
+def permuted(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
+    raw, parts = raws[0], []
+    n_pixels = raw.x_train.shape[-1] * raw.x_train.shape[-2]
+    for t in range(int(_get(cfg, "n_tasks", 10))):
+        perm = T.pixel_permutation(n_pixels, g)  # drawn for every task so seeds match either way
+        if t == 0 and not _get(cfg, "permute_first", True):
+            xtr, xte = raw.x_train, raw.x_test
+        else:
+            xtr, xte = T.permute_pixels(raw.x_train, perm), T.permute_pixels(raw.x_test, perm)
+        parts.append(Part(f"{raw.name}-perm{t}", xtr, raw.y_train, xte, raw.y_test, list(range(raw.n_classes))))
+    return parts
+
+
+@register_kind("rotated")
+def rotated(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
+    raw = raws[0]
+    return [
+        Part(
+            f"{raw.name}-rot{angle:g}",
+            T.rotate(raw.x_train, angle),
+            raw.y_train,
+            T.rotate(raw.x_test, angle),
+            raw.y_test,
+            list(range(raw.n_classes)),
+        )
+        for angle in _get(cfg, "angles", [0, 20, 40, 60, 80])
+    ]
+
+
+@register_kind("sequence")
+def sequence(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
+    return [Part(r.name, r.x_train, r.y_train, r.x_test, r.y_test, list(range(r.n_classes))) for r in raws]

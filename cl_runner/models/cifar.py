@@ -57,7 +57,8 @@ class ConvNet(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], n_outputs: int, width: int = 64):
+    # width has no default here: configs/model/resnet18.yaml holds it (20; 64 = torchvision's)
+    def __init__(self, input_shape: tuple[int, ...], n_outputs: int, width: int):
         super().__init__()
         from torchvision.models.resnet import BasicBlock, ResNet
 

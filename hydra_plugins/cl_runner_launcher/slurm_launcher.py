@@ -216,7 +216,7 @@ if SlurmLauncher is not None:
                 states = self._wait(array_id, [j.job_id for j in jobs], params, limit_s=60)
                 self._record(jobs, jobs_cfg, states, params)
                 try:  # Hydra's end-of-sweep callback does not run after Ctrl-C: the summary is written here
-                    from cl_runner.sweep import summarize
+                    from cl_runner.report.summary import summarize
 
                     summarize(sweep_dir, quiet=True)
                     print(f"summary: {sweep_dir}/summary.md", file=sys.stderr)

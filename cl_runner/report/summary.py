@@ -1,40 +1,20 @@
-"""Sweep summaries: collect the jobs' ``metrics.json`` from disk, write summary.csv / summary.md and
-the λ trade-off figure, print them as rich tables.
+"""Sweep summaries (README, "Sweeps: look at your sweep"): summary.csv, summary.md, summary_grouped.csv,
+tradeoff.png and the TensorBoard run ``summary``, and the same tables in the terminal.
 
-Everything is read back from the job folders (and the sweep's ``multirun.yaml``), never from the
-launcher's return values, so the summary is the same under the basic, joblib and submitit
-launchers, and ``cl-run-summary`` (``python -m cl_runner.sweep``, ``scripts/summarize.py``) can
-rebuild it for a finished, partial or interrupted sweep.
-
-Files written into the sweep directory:
-
-- ``summary.csv``: one row per job (metrics in percent, full precision; empty cell = none). Every
-  override key that varies across the jobs gets a column (``method.fisher_labels``, ``epochs``…).
-- ``summary.md``: the same as a markdown table (metrics in %, two decimals), why jobs have no
-  results, and, when some setting was run with more than one seed, a grouped table of mean ± std.
-- ``summary_grouped.csv``: the grouped table, only when some setting has more than one seed.
-- ``tradeoff.png`` (and the image ``sweep/tradeoff`` in the TensorBoard run ``summary``): ACC, BWT
-  and learning accuracy against λ, one line per method (and per other swept setting), mean ± std
-  over seeds; only when λ varies.
-
-Statuses (``metrics.json`` ``status``): ok, failed, diverged (non-finite loss; keeps the finished
-rows of its matrix), interrupted (resumable), cancelled, timeout (written by a Slurm launcher);
-``missing`` = a job of the sweep with no metrics.json (never started, killed, or still running),
+Everything is read back from the job folders and the sweep's ``multirun.yaml``, never from the
+launcher's return values, so the summary is the same under every launcher and ``cl-run-summary``
+rebuilds it for a finished, partial or interrupted sweep. ``missing`` = a job with no metrics.json,
 including jobs of ``multirun.yaml`` that have no folder at all.
 
-Grouping: a setting is every identifying value of a job except its seed: method, λ, benchmark,
-scenario, model, optimizer, experiment, the method's options, and any other command-line override
-(e.g. ``epochs=5``). Means and standard deviations are taken over the jobs with status "ok" only;
-std is the sample standard deviation (divisor n − 1), empty when only one job is ok.
-
-Intransigence (opt-in, ``cl_runner/metrics.py``): when the sweep (or a sweep given with
-``--joint``) holds ``method=joint`` jobs in ``cumulative`` mode, each ok job is compared with the
-ok joint job of the same benchmark, scenario, seed, model, optimizer, experiment and other
-overrides; the column appears only then.
+Grouping: a setting is every identifying value of a job (:data:`cl_runner.schema.IDENTITY`) except
+its seed, plus the method's options and any other command-line override (e.g. ``epochs=5``). Means
+and sample standard deviations (n − 1) are over the jobs with status ok only. Intransigence: each ok
+job against the ok ``method=joint`` (cumulative) job of the same setting but method, λ and options.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -47,32 +27,25 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from cl_runner.identity import job_dirname, run_identity, sweep_jobs, varying_keys
-
-METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
-OPTIONAL_METRICS = ("intransigence",)
-METRIC_TITLES = {
-    "acc": "ACC",
-    "bwt": "BWT",
-    "fwt": "FWT",
-    "forgetting": "forgetting",
-    "learning_accuracy": "LA",
-    "intransigence": "intransigence",
-}
-STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
-IDENTITY = ("method", "lambda", "benchmark", "scenario", "seed", "model", "optimizer", "experiment")
-GROUP_FIELDS = (
-    "method",
-    "lambda",
-    "benchmark",
-    "scenario",
-    "model",
-    "optimizer",
-    "experiment",
-    "method_options",
-    "other",
+from cl_runner.identity import job_dirname, parse_overrides, sweep_jobs, varying_keys
+from cl_runner.runfiles import write_atomic
+from cl_runner.schema import (
+    IDENTITY,
+    METRICS,
+    OPTIONAL_METRICS,
+    SETTINGS,
+    STATUSES,
+    TITLES,
+    identity,
+    md_table,
+    pct,
+    pct_pm,
+    plain,
 )
+
+GROUP_FIELDS = (*(k for k in IDENTITY if k != "seed"), "method_options", "other")
 # Overrides already represented by an identifying field, or that do not change the result, are left
 # out of the "other" part of a setting.
 _COVERED = set(IDENTITY) | {"data_dir", "device", "download", "threads", "log_every"}
@@ -100,13 +73,8 @@ def _job_num(name: str) -> float:
 
 def _read_overrides(job: Path) -> list[str]:
     path = job / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        try:
-            from omegaconf import OmegaConf
-
-            return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]
-        except Exception:
-            pass
+    with contextlib.suppress(Exception):
+        return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]
     # no .hydra: the folder name is "<num>_<overrides>" (a best effort: values with commas split)
     m = re.match(r"\d+_(.*)$", job.name)
     return [o for o in m.group(1).split(",") if "=" in o] if m else []
@@ -114,37 +82,22 @@ def _read_overrides(job: Path) -> list[str]:
 
 def _override_map(overrides: Iterable[str]) -> dict[str, str]:
     """key → value text of a job's overrides (``+``/``~`` prefixes dropped)."""
-    out = {}
-    for o in overrides:
-        key, _, value = str(o).partition("=")
-        out[key.lstrip("+~")] = value
-    return out
+    return {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
 
 
 def _identity_from_config(job: Path | None, overrides: list[str]) -> dict[str, Any]:
     """Identifying fields of a job without metrics.json: .hydra/config.yaml, else the overrides."""
     ident: dict[str, Any] = {}
-    path = job / ".hydra" / "config.yaml" if job is not None else None
-    if path is not None and path.is_file():
-        try:
-            from omegaconf import OmegaConf
-
-            ident = run_identity(OmegaConf.load(path))
-        except Exception:
-            pass
-    for key, value in _override_map(overrides).items():  # fill what config.yaml did not give
-        if key in IDENTITY and ident.get(key) is None:
-            ident[key] = _parse_scalar(value)
+    if job is not None and (job / ".hydra" / "config.yaml").is_file():
+        with contextlib.suppress(Exception):
+            ident = identity(OmegaConf.load(job / ".hydra" / "config.yaml"))
+    try:  # fill what config.yaml did not give, with the values typed as Hydra types them
+        for o in parse_overrides(overrides):
+            if o.key_or_group in IDENTITY and ident.get(o.key_or_group) is None:
+                ident[o.key_or_group] = o.value()
+    except Exception:  # noqa: BLE001 - overrides guessed from a folder name may not parse
+        pass
     return ident
-
-
-def _parse_scalar(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return None if text == "null" else text
 
 
 def _number(v: Any) -> float | None:
@@ -156,47 +109,22 @@ def _number(v: Any) -> float | None:
         return None
 
 
-def _row_from_metrics(row: dict[str, Any], data: dict[str, Any]) -> None:
-    status = data.get("status")
-    row["status"] = status if status in STATUSES and status != "missing" else "failed"
-    row["error"] = data.get("error")
-    if status not in STATUSES:
-        row["error"] = row["error"] or f"unknown status {status!r} in metrics.json"
-    for k in IDENTITY:
-        row[k] = data.get(k)
-    row["method_options"] = data.get("method_options") or {}
-    for k in (*METRICS, "wall_time_s"):
-        row[k] = _number(data.get(k))
-    row["accuracy_matrix"] = data.get("accuracy_matrix")
-    row["metric_notes"] = data.get("metric_notes")
-
-
-def _missing_row(row: dict[str, Any], job: Path | None, status: str = "missing") -> None:
-    row["status"] = status
-    row.setdefault("error", None)
-    ident = _identity_from_config(job, row["overrides"])
-    for k in IDENTITY:
-        row[k] = ident.get(k)
-    row["method_options"] = ident.get("method_options") or {}
-    for k in (*METRICS, "wall_time_s"):
-        row[k] = None
-    row["accuracy_matrix"] = None
-    row["metric_notes"] = None
+def _fill(row: dict[str, Any], data: dict[str, Any] | None, job: Path | None = None) -> None:
+    """A row's fields from metrics.json's ``data``; without it, the identity from the job's config."""
+    ident = data if data is not None else _identity_from_config(job, row["overrides"])
+    row.update({k: ident.get(k) for k in IDENTITY}, method_options=ident.get("method_options") or {})
+    data = data or {}
+    row.update({k: _number(data.get(k)) for k in (*METRICS, "wall_time_s")})
+    row.update(accuracy_matrix=data.get("accuracy_matrix"), metric_notes=data.get("metric_notes"))
 
 
 def collect(sweep_dir: str | Path, joint_dirs: Iterable[str | Path] = ()) -> list[dict[str, Any]]:
-    """One row per job of the sweep: every job folder below ``sweep_dir`` (a folder holding
-    ``.hydra/`` or ``metrics.json``), plus one ``missing`` row per job of the sweep's
-    ``multirun.yaml`` that has no folder (matched by the job's overrides).
-
-    Fields: num (job number), job (folder path relative to the sweep dir; for a job without a folder,
-    the folder it would get), status (see the module docstring; an unreadable metrics.json is
-    "failed"), the identifying fields, the five metrics (fractions), intransigence (fraction, when
-    a joint reference exists), wall_time_s, method_options (dict), overrides (list of str),
-    accuracy_matrix, metric_notes, error (str or None). A job folder with no or unreadable
-    metrics.json takes its identifying fields from ``.hydra/config.yaml``, else from its overrides.
-    ``joint_dirs``: other sweep folders whose joint jobs serve as intransigence references.
-    """
+    """One row per job: every folder below ``sweep_dir`` holding ``.hydra/`` or ``metrics.json``, and
+    a ``missing`` row per job of ``multirun.yaml`` without one (matched by its overrides). Fields: num,
+    job (its folder, relative), status (unreadable metrics.json: failed), the identity fields, the
+    metrics and intransigence (fractions), wall_time_s, method_options, overrides, accuracy_matrix,
+    metric_notes, error. Without a readable metrics.json the identity comes from
+    ``.hydra/config.yaml``, else the overrides. ``joint_dirs``: more intransigence references."""
     sweep_dir = Path(sweep_dir)
     rows = []
     for job in _job_dirs(sweep_dir):
@@ -213,13 +141,18 @@ def collect(sweep_dir: str | Path, joint_dirs: Iterable[str | Path] = ()) -> lis
             try:
                 data = json.loads(metrics_path.read_text())
             except (OSError, ValueError) as e:
-                row["error"] = f"unreadable metrics.json: {' '.join(str(e).split())}"
+                row["error"] = f"unreadable metrics.json: {_one_line(e)}"
         if isinstance(data, dict):
-            _row_from_metrics(row, data)
+            status = data.get("status")
+            row["status"] = status if status in STATUSES and status != "missing" else "failed"
+            row["error"] = data.get("error") or (
+                None if status in STATUSES else f"unknown status {status!r} in metrics.json"
+            )
+            _fill(row, data)
         else:
-            _missing_row(row, job, "failed" if metrics_path.is_file() else "missing")
-            if row["status"] == "failed":
-                row["error"] = row.get("error") or "unreadable metrics.json"
+            row["status"] = "failed" if metrics_path.is_file() else "missing"
+            row.setdefault("error", "unreadable metrics.json" if row["status"] == "failed" else None)
+            _fill(row, None, job)
         rows.append(row)
     rows += _never_started(sweep_dir, rows)
     rows.sort(key=lambda r: (math.inf if r["num"] is None else r["num"], r["job"]))
@@ -240,35 +173,25 @@ def _never_started(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str
     for num, overrides in enumerate(jobs):
         if tuple(sorted(overrides)) in have:
             continue
-        row: dict[str, Any] = {"num": num, "job": job_dirname(num, overrides, varying, exclude), "overrides": overrides}
-        _missing_row(row, None)
-        row["error"] = "never started (no job folder)"
+        row = {"num": num, "job": job_dirname(num, overrides, varying, exclude), "overrides": overrides}
+        row.update(status="missing", error="never started (no job folder)")
+        _fill(row, None)
         out.append(row)
     return out
 
 
 def _excluded_keys(multirun_yaml: Path) -> set[str]:
-    try:
-        from omegaconf import OmegaConf
-
+    with contextlib.suppress(Exception):
         return set(
             OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or []
         )
-    except Exception:
-        return set()
+    return set()
 
 
 # ----------------------------------------------------------------------------- intransigence
 def _reference_key(row: dict[str, Any]) -> tuple:
-    return (
-        row.get("benchmark"),
-        row.get("scenario"),
-        _fmt_plain(row.get("seed")),
-        row.get("model"),
-        row.get("optimizer"),
-        row.get("experiment"),
-        _other_overrides(row),
-    )
+    """The job's setting but the method, λ and method options: what its joint reference shares."""
+    return (*(plain(row.get(k)) for k in IDENTITY if k not in ("method", "lambda")), _other_overrides(row))
 
 
 def _is_joint_reference(row: dict[str, Any]) -> bool:
@@ -306,13 +229,11 @@ def _metrics_shown(rows: list[dict[str, Any]]) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- grouping
 def _other_overrides(row: dict[str, Any]) -> str:
-    out = []
-    for o in row.get("overrides") or []:
+    def other(o: str) -> bool:
         key = o.lstrip("+~").partition("=")[0]
-        if key in _COVERED or key.startswith("method.") or key.startswith("hydra.") or key == "hydra":
-            continue
-        out.append(o)
-    return ",".join(sorted(out))
+        return not (key in _COVERED or key.startswith(("method.", "hydra.")) or key == "hydra")
+
+    return ",".join(sorted(filter(other, row.get("overrides") or [])))
 
 
 def _options_text(options: Any) -> str:
@@ -320,17 +241,14 @@ def _options_text(options: Any) -> str:
 
 
 def _group_key(row: dict[str, Any]) -> tuple:
-    return (
-        row.get("method"),
-        _fmt_plain(row.get("lambda")),
-        row.get("benchmark"),
-        row.get("scenario"),
-        row.get("model"),
-        row.get("optimizer"),
-        row.get("experiment"),
-        _options_text(row.get("method_options")),
-        _other_overrides(row),
-    )
+    fields = (plain(row.get(k)) if k == "lambda" else row.get(k) for k in GROUP_FIELDS[:-2])
+    return (*fields, _options_text(row.get("method_options")), _other_overrides(row))
+
+
+def _mean_std(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[float | None, float | None]:
+    """Mean and sample std of ``key`` over ``rows`` (None/NaN left out); None where undefined."""
+    vals = [scale * r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+    return statistics.fmean(vals) if vals else None, statistics.stdev(vals) if len(vals) > 1 else None
 
 
 def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -352,9 +270,7 @@ def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         g["n_ok"] = len(ok)
         g["seeds"] = sorted({r.get("seed") for r in members if r.get("seed") is not None}, key=str)
         for m in (*METRICS, *OPTIONAL_METRICS, "wall_time_s"):
-            vals = [r[m] for r in ok if r.get(m) is not None and not math.isnan(r[m])]
-            g[f"{m}_mean"] = statistics.fmean(vals) if vals else None
-            g[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+            g[f"{m}_mean"], g[f"{m}_std"] = _mean_std(ok, m)
         out.append(g)
     return out
 
@@ -375,14 +291,8 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     """Override keys whose value differs between the jobs (or that only some jobs set), other than
     the identifying fields, which have columns of their own, and keys that do not change results."""
     maps = [_override_map(r.get("overrides") or []) for r in rows]
-    keys = {k for m in maps for k in m}
-    out = []
-    for k in sorted(keys):
-        if k in _COVERED or k.startswith("hydra.") or k.startswith("hydra/") or k == "hydra":
-            continue
-        if len({m.get(k) for m in maps}) > 1:
-            out.append(k)
-    return out
+    keys = sorted({k for m in maps for k in m} - _COVERED - {"hydra"})
+    return [k for k in keys if not k.startswith(("hydra.", "hydra/")) and len({m.get(k) for m in maps}) > 1]
 
 
 def _swept_value(item: dict[str, Any], key: str) -> str:
@@ -390,70 +300,34 @@ def _swept_value(item: dict[str, Any], key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- formatting
-def _fmt_plain(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None or math.isnan(v) else f"{100 * v:.2f}"
-
-
-def _pct_pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
-
-
 def _secs(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
 def _varying(rows: list[dict[str, Any]], key: str) -> bool:
-    return len({_fmt_plain(r.get(key)) for r in rows}) > 1
+    return len({plain(r.get(key)) for r in rows}) > 1
+
+
+def _setting_columns(items: list[dict[str, Any]], keys: list[str]) -> list[tuple[str, Any]]:
+    """(title, item → cell text): method, λ, benchmark, scenario, the :data:`SETTINGS` that vary, the swept keys."""
+    fields = [("method", "method"), ("λ", "lambda"), ("benchmark", "benchmark"), ("scenario", "scenario")]
+    fields += [(k, k) for k in SETTINGS if _varying(items, k)]
+    cols = [(title, lambda r, k=k: plain(r.get(k))) for title, k in fields]
+    return cols + [(key, lambda r, k=key: _swept_value(r, k)) for key in keys]
 
 
 def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tuple[str, Any]]:
-    """(title, row → cell text) for the per-job tables: the identifying fields, one column per swept
-    key, the metrics (intransigence only when some job has it), time and status; the job folder name
-    only in the markdown (the terminal is narrow)."""
-    cols: list[tuple[str, Any]] = [("#", lambda r: _fmt_plain(r.get("num")))]
-    if with_job:
-        cols.append(("job", lambda r: r["job"]))
-    cols += [
-        ("method", lambda r: _fmt_plain(r.get("method"))),
-        ("λ", lambda r: _fmt_plain(r.get("lambda"))),
-        ("benchmark", lambda r: _fmt_plain(r.get("benchmark"))),
-        ("scenario", lambda r: _fmt_plain(r.get("scenario"))),
-    ]
-    for extra in ("model", "optimizer", "experiment"):
-        if _varying(rows, extra):
-            cols.append((extra, lambda r, k=extra: _fmt_plain(r.get(k))))
-    for key in swept_keys(rows):
-        cols.append((key, lambda r, k=key: _swept_value(r, k)))
-    cols.append(("seed", lambda r: _fmt_plain(r.get("seed"))))
-    for m in _metrics_shown(rows):
-        cols.append((f"{METRIC_TITLES[m]} %", lambda r, k=m: _pct(r.get(k))))
-    cols += [("time s", lambda r: _secs(r.get("wall_time_s"))), ("status", lambda r: r.get("status", ""))]
-    return cols
+    """The per-job tables: the setting, seed, the metrics (intransigence only when some job has it),
+    time and status; the job folder name only in the markdown (the terminal is narrow)."""
+    cols = [("#", lambda r: plain(r.get("num")))] + ([("job", lambda r: r["job"])] if with_job else [])
+    cols += _setting_columns(rows, swept_keys(rows)) + [("seed", lambda r: plain(r.get("seed")))]
+    cols += [(f"{TITLES[m]} %", lambda r, k=m: pct(r.get(k))) for m in _metrics_shown(rows)]
+    return cols + [("time s", lambda r: _secs(r.get("wall_time_s"))), ("status", lambda r: r.get("status", ""))]
 
 
 def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    cols: list[tuple[str, Any]] = [
-        ("method", lambda g: _fmt_plain(g.get("method"))),
-        ("λ", lambda g: _fmt_plain(g.get("lambda"))),
-        ("benchmark", lambda g: _fmt_plain(g.get("benchmark"))),
-        ("scenario", lambda g: _fmt_plain(g.get("scenario"))),
-    ]
-    for extra in ("model", "optimizer", "experiment"):
-        if _varying(groups, extra):
-            cols.append((extra, lambda g, k=extra: _fmt_plain(g.get(k))))
     keys = [k for k in swept_keys(rows) if k != "seed"]
-    for key in keys:
-        cols.append((key, lambda g, k=key: _swept_value(g, k)))
+    cols = _setting_columns(groups, keys)
     by_method: dict[Any, set[str]] = {}
     for g in groups:
         by_method.setdefault(g.get("method"), set()).add(_options_text(g.get("method_options")))
@@ -462,31 +336,13 @@ def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
         cols.append(("options", lambda g: _options_text(g.get("method_options"))))
     cols.append(("ok / jobs", lambda g: f"{g['n_ok']} / {g['n_jobs']}"))
     for m in _metrics_shown(rows):
-        cols.append((f"{METRIC_TITLES[m]} %", lambda g, k=m: _pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
+        cols.append((f"{TITLES[m]} %", lambda g, k=m: pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
     cols.append(("time s", lambda g: _secs(g["wall_time_s_mean"])))
     return cols
 
 
 def _md_table(cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> str:
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(t) for t, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for it in items:
-        lines.append("| " + " | ".join(cell(f(it)) for _, f in cols) + " |")
-    return "\n".join(lines)
-
-
-def _csv_value(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, sort_keys=True, default=str)
-    return v
-
-
-def _percent(v: Any) -> Any:
-    return None if v is None else 100.0 * v
+    return md_table([t for t, _ in cols], ([f(it) for _, f in cols] for it in items))
 
 
 def _counts(rows: list[dict[str, Any]]) -> str:
@@ -500,11 +356,8 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     """Why some metrics are blank, from metrics.json's ``metric_notes`` (dict metric → reason, or text)."""
     seen: dict[str, list[str]] = {}
     for r in rows:
-        notes = r.get("metric_notes")
-        if not notes:
-            continue
-        items = notes.items() if isinstance(notes, dict) else [("", notes)]
-        for metric, reason in items:
+        notes = r.get("metric_notes") or {}
+        for metric, reason in notes.items() if isinstance(notes, dict) else [("", notes)]:
             text = f"{metric}: {reason}" if metric else str(reason)
             seen.setdefault(" ".join(text.split()), []).append(r["job"])
     return [
@@ -515,54 +368,41 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- write / print
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _csv_text(fields: Iterable[str], items: list[dict[str, Any]], getters: dict[str, Any] | None = None) -> str:
+def _csv(fields: list[str], items: list[dict[str, Any]], keys: list[str], percent: dict[str, str]) -> str:
+    """CSV of ``items``: swept ``keys`` from their overrides, ``percent`` columns (name → field) × 100,
+    dicts and lists as JSON, None as an empty cell."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    fields = list(fields)
-    getters = getters or {}
     w.writerow(fields)
     for it in items:
-        w.writerow([_csv_value(getters[f](it) if f in getters else it.get(f)) for f in fields])
+        values = {**it, **{k: _swept_value(it, k) for k in keys}}
+        values |= {col: None if it.get(f) is None else 100.0 * it[f] for col, f in percent.items()}
+        cells = [values.get(f) for f in fields]
+        w.writerow(
+            [
+                ""
+                if v is None
+                else json.dumps(v, sort_keys=True, default=str)
+                if isinstance(v, (dict, list, tuple))
+                else v
+                for v in cells
+            ]
+        )
     return buf.getvalue()
 
 
 def _job_csv(rows: list[dict[str, Any]]) -> str:
     """summary.csv: metrics as ``<metric>_pct`` (percent, full precision)."""
-    keys = swept_keys(rows)
-    metrics = _metrics_shown(rows)
-    fields = [
-        "num",
-        "job",
-        "status",
-        *IDENTITY,
-        *keys,
-        *(f"{m}_pct" for m in metrics),
-        "wall_time_s",
-        "method_options",
-        "overrides",
-        "error",
-    ]
-    getters: dict[str, Any] = {k: (lambda r, k=k: _swept_value(r, k)) for k in keys}
-    getters.update({f"{m}_pct": (lambda r, m=m: _percent(r.get(m))) for m in metrics})
-    return _csv_text(fields, rows, getters)
+    keys, pcts = swept_keys(rows), {f"{m}_pct": m for m in _metrics_shown(rows)}
+    fields = ["num", "job", "status", *IDENTITY, *keys, *pcts, "wall_time_s", "method_options", "overrides", "error"]
+    return _csv(fields, rows, keys, pcts)
 
 
 def _grouped_csv(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     keys = [k for k in swept_keys(rows) if k != "seed"]
-    metrics = _metrics_shown(rows)
-    stats = [f"{m}_pct_{s}" for m in metrics for s in ("mean", "std")]
-    fields = [*GROUP_FIELDS, *keys, "n_jobs", "n_ok", "seeds", *stats, "wall_time_s_mean", "wall_time_s_std"]
-    getters: dict[str, Any] = {k: (lambda g, k=k: _swept_value(g, k)) for k in keys}
-    getters.update(
-        {f"{m}_pct_{s}": (lambda g, m=m, s=s: _percent(g[f"{m}_{s}"])) for m in metrics for s in ("mean", "std")}
-    )
-    return _csv_text(fields, groups, getters)
+    pcts = {f"{m}_pct_{s}": f"{m}_{s}" for m in _metrics_shown(rows) for s in ("mean", "std")}
+    fields = [*GROUP_FIELDS, *keys, "n_jobs", "n_ok", "seeds", *pcts, "wall_time_s_mean", "wall_time_s_std"]
+    return _csv(fields, groups, keys, pcts)
 
 
 def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: bool = True) -> tuple[Path, Path]:
@@ -571,7 +411,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
     (csv_path, md_path)."""
     sweep_dir = Path(sweep_dir)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    _write_atomic(csv_path, _job_csv(rows))
+    write_atomic(csv_path, _job_csv(rows))
 
     metrics_text = "ACC, BWT, FWT, forgetting, LA = learning accuracy"
     if "intransigence" in _metrics_shown(rows):
@@ -595,10 +435,9 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
             "## Mean ± std over seeds",
             "",
             "Over the jobs with status ok; std = sample standard deviation (n − 1).",
-            "",
-            _md_table(_group_columns(groups, rows), groups),
         ]
-        _write_atomic(grouped_path, _grouped_csv(groups, rows))
+        md += ["", _md_table(_group_columns(groups, rows), groups)]
+        write_atomic(grouped_path, _grouped_csv(groups, rows))
     elif grouped_path.exists():  # a rebuilt summary must not keep a stale grouped table
         grouped_path.unlink()
     png = sweep_dir / "tradeoff.png"
@@ -614,10 +453,10 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
                 md += ["", "## Trade-off", "", "![ACC, BWT and learning accuracy against λ](tradeoff.png)"]
                 _write_tensorboard(sweep_dir, _tradeoff(rows, vertical=True), "\n".join(md))
         except Exception as e:  # noqa: BLE001 - the tables matter more than the figure
-            print(f"summary: no trade-off figure: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"summary: no trade-off figure: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
     if not made and png.exists():
         png.unlink()
-    _write_atomic(md_path, "\n".join(md) + "\n")
+    write_atomic(md_path, "\n".join(md) + "\n")
     return csv_path, md_path
 
 
@@ -629,19 +468,15 @@ def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
     None when no series has two λ values. Values in percent; std is the sample std (0 for one seed)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     keys = swept_keys(rows)
-    extras = [e for e in ("benchmark", "scenario", "model", "optimizer", "experiment") if _varying(ok, e)]
+    extras = [e for e in ("benchmark", "scenario", *SETTINGS) if _varying(ok, e)]
 
     def label(r: dict[str, Any]) -> str:
         swept = [f"{k}={_swept_value(r, k)}" for k in keys if _swept_value(r, k)]
         return " ".join([str(r.get("method"))] + [str(r.get(e)) for e in extras] + swept)
 
     def stats(members: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-        out = {}
-        for m in ("acc", "bwt", "learning_accuracy"):
-            vals = [100.0 * r[m] for r in members if r.get(m) is not None and not math.isnan(r[m])]
-            if vals:
-                out[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        return out
+        pairs = {m: _mean_std(members, m, 100.0) for m in ("acc", "bwt", "learning_accuracy")}
+        return {m: (mean, std or 0.0) for m, (mean, std) in pairs.items() if mean is not None}
 
     by_lambda: dict[str, dict[float, list]] = {}
     refs: dict[str, list] = {}
@@ -661,11 +496,11 @@ def _tradeoff(rows: list[dict[str, Any]], vertical: bool = False):
     data = tradeoff_data(rows)
     if data is None:
         return None
-    from cl_runner.tb_extras import tradeoff_figure  # matplotlib: only when there is something to draw
+    from cl_runner.report.tb import tradeoff_figure  # matplotlib: only when there is something to draw
 
     ok = [r for r in rows if r.get("status") == "ok"]
     where = ", ".join(
-        f"{_fmt_plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}"
+        f"{plain(ok[0].get(k))}{'-IL' if k == 'scenario' else ''}"
         for k in ("benchmark", "scenario")
         if not _varying(ok, k)
     )
@@ -678,7 +513,7 @@ def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
     folder; a rebuilt summary replaces the old events."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from cl_runner.tb_extras import figure_to_array
+    from cl_runner.report.tb import figure_to_array
 
     tb_dir = sweep_dir / "summary"
     if tb_dir.is_dir():
@@ -698,36 +533,26 @@ def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep 
         console = Console()
         if not console.is_terminal:  # pipes and logs: rich would squeeze the tables into 80 columns
             console = Console(width=160)
-    style = {
-        "ok": "green",
-        "failed": "bold red",
-        "diverged": "bold red",
-        "missing": "yellow",
-        "interrupted": "yellow",
-        "timeout": "yellow",
-        "cancelled": "yellow",
-    }
-    table = Table(title=f"{title}: {_counts(rows)}")
+    style = {"ok": "green", "failed": "bold red", "diverged": "bold red"}  # other statuses: yellow
+
+    def table(title: str, cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> Table:
+        t = Table(title=title)
+        for name, _ in cols:
+            right = name.endswith("%") or name in ("#", "seed", "λ", "time s", "ok / jobs")
+            t.add_column(name, justify="right" if right else "left")
+        for it in items:
+            t.add_row(*[f(it) for _, f in cols])
+        return t
+
     cols = _job_columns(rows, with_job=False)
-    for t, _ in cols:
-        table.add_column(t, justify="right" if t.endswith("%") or t in ("#", "seed", "λ", "time s") else "left")
-    for r in rows:
-        cells = [f(r) for _, f in cols]
-        cells[-1] = f"[{style.get(r.get('status'), 'red')}]{cells[-1]}[/]"
-        table.add_row(*cells)
-    console.print(table)
+    status = ("status", lambda r: f"[{style.get(r.get('status'), 'yellow')}]{r.get('status', '')}[/]")
+    console.print(table(f"{title}: {_counts(rows)}", [*cols[:-1], status], rows))
     for r in rows:
         if r.get("status") != "ok" and r.get("error"):
             console.print(f"[red]{r['job']}[/]: {r['error']}", markup=True, highlight=False)
     if has_repeats(rows):
         groups = group(rows)
-        gt = Table(title="Mean ± std over seeds (ok jobs; sample std)")
-        gcols = _group_columns(groups, rows)
-        for t, _ in gcols:
-            gt.add_column(t, justify="right" if t.endswith("%") or t in ("λ", "time s", "ok / jobs") else "left")
-        for g in groups:
-            gt.add_row(*[f(g) for _, f in gcols])
-        console.print(gt)
+        console.print(table("Mean ± std over seeds (ok jobs; sample std)", _group_columns(groups, rows), groups))
 
 
 def summarize(
@@ -739,9 +564,7 @@ def summarize(
     csv_path, md_path = write_summary(sweep_dir, rows, figure=figure)
     if not quiet:
         print_summary(rows, console)
-        also = ["summary.csv"] + [
-            p.name for p in (sweep_dir / "summary_grouped.csv", sweep_dir / "tradeoff.png") if p.exists()
-        ]
+        also = ["summary.csv"] + [p for p in ("summary_grouped.csv", "tradeoff.png") if (sweep_dir / p).exists()]
         print(f"summary: {md_path.resolve()} (also {', '.join(also)})")
         print(f"  tensorboard --logdir {sweep_dir.resolve()}")
     return rows
@@ -770,10 +593,11 @@ class SummaryCallback(Callback):
                 return
             self.rows = LAST_ROWS = summarize(sweep_dir)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
-            print(
-                f"summary: could not summarize the sweep: {type(e).__name__}: {' '.join(str(e).split())}",
-                file=sys.stderr,
-            )
+            print(f"summary: could not summarize the sweep: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -803,15 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="write the files without printing the tables")
     args = parser.parse_args(argv)
     for key, path in [("sweep_dir", Path(args.sweep_dir))] + [("--joint", Path(d)) for d in args.joint]:
-        if not path.is_dir():
-            print(f"error: {key} {path} is not a directory", file=sys.stderr)
-            return 2
-        if not is_sweep_dir(path):
-            print(
-                f"error: {key} {path} is not a sweep folder (no multirun.yaml and no job folders with .hydra/ or "
-                "metrics.json)",
-                file=sys.stderr,
-            )
+        no = "a directory" if not path.is_dir() else None if is_sweep_dir(path) else "a sweep folder"
+        if no:
+            detail = " (no multirun.yaml and no job folders with .hydra/ or metrics.json)" if path.is_dir() else ""
+            print(f"error: {key} {path} is not {no}{detail}", file=sys.stderr)
             return 2
     rows = summarize(args.sweep_dir, quiet=args.quiet, joint_dirs=args.joint)
     return sweep_status(rows)

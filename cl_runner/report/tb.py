@@ -1,19 +1,13 @@
-"""TensorBoard extras for a run: accuracy-matrix heatmap and per-task curves (matplotlib), HParams,
-importance histograms.
-
-The run's logger (``cl_runner/loggers.py``) calls these functions with the run's own
-``SummaryWriter``, so pointing TensorBoard at a sweep directory shows every job of the sweep side by
-side.
+"""TensorBoard: the run's logger (:class:`TensorBoardLogger`) and what it writes besides scalars:
+accuracy-matrix heatmap and per-task curves (matplotlib), HParams, importance histograms. Every run
+writes into its own folder, so pointing TensorBoard at a sweep directory shows its jobs side by side.
 
 HParams: each run writes a *session* (start info with its hyperparameters, the ``hparam/<metric>``
 scalars, end info with the status) into its own sub-run ``<run>/hparams`` that holds nothing else,
-so the dashboard offers exactly the headline metrics (it lists every scalar tag of a session's
-run and its sub-runs as a metric). Deliberately **no experiment summary**: TensorBoard's HParams
-plugin then builds the experiment from all sessions under the log directory: the union of the
-hyperparameter names (a method's own options appear as columns; runs without them leave them empty),
-a common type per name, and the scalar tags as metrics. ``SummaryWriter.add_hparams`` instead writes
-one experiment summary per run and the plugin picks one of them arbitrarily, which hides the
-columns of the other methods in a methods × λ sweep (and turns bools into 0/1).
+so the dashboard offers exactly the headline metrics. Deliberately **no experiment summary**: the
+plugin then builds it from all sessions under the log directory (the union of the hyperparameter
+names, so every method's options are columns). ``SummaryWriter.add_hparams`` writes one per run and
+the plugin picks one arbitrarily, hiding the other methods' columns (and turning bools into 0/1).
 
 Figures are drawn with matplotlib's Agg canvas (no pyplot, no display), imported only when a
 figure is drawn so that ``cl-run`` start-up does not pay for it.
@@ -25,9 +19,14 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
+
+from cl_runner.schema import IDENTITY, METRICS, md_table, pct
+from cl_runner.trainer import TrainerEvents
 
 _MAX_LABEL = 18  # task names longer than this are cut (ending in "…") to keep the image narrow
 HEATMAP_CMAP = "Blues"
@@ -53,14 +52,7 @@ def figure_to_array(fig) -> np.ndarray:
 
 
 def _as_percent(matrix: Sequence[Sequence[Any]]) -> np.ndarray:
-    rows = [list(r) for r in matrix]
-    n_cols = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), n_cols), np.nan)
-    for i, r in enumerate(rows):
-        for j, v in enumerate(r):
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                out[i, j] = 100.0 * float(v)
-    return out
+    return 100.0 * np.array(matrix, dtype=float)  # None → NaN; finished rows are all T long
 
 
 def heatmap_figure(matrix: Sequence[Sequence[Any]], task_names: Sequence[str] = ()):
@@ -177,7 +169,7 @@ def tradeoff_figure(
     (finetune, joint) as dashed horizontal lines. x axis logarithmic; when λ = 0 is among the values
     it is ``symlog``: linear between 0 and the smallest positive λ, logarithmic above, so 0 sits at
     the left edge instead of being dropped. ``series``/``references`` as built by
-    ``cl_runner.sweep.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
+    ``cl_runner.report.summary.tradeoff_data`` (percent). ``vertical``: the panels stacked in a narrow
     figure, legible at TensorBoard's card size (the sweep folder's PNG has them side by side)."""
     import matplotlib
 
@@ -233,38 +225,31 @@ def tradeoff_figure(
 
 
 def _plain(value: Any) -> int | float | str | bool:
-    """An HParams value: bool/int/float/str as is (numpy scalars unwrapped), None → "none",
-    anything else (lists, dicts, OmegaConf containers) → its string form."""
-    if isinstance(value, np.generic):
+    """An HParams value: bool/int/float/str as is (numpy scalars and 0-d tensors unwrapped), None →
+    "none", containers (also OmegaConf's) → JSON, anything else → its string form."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if getattr(value, "ndim", None) == 0:
         value = value.item()
     if value is None:
         return "none"
     if isinstance(value, (bool, int, float, str)):
         return value
-    try:  # OmegaConf ListConfig/DictConfig → plain containers so the string reads like YAML/JSON
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensors
-        return _plain(value.item())
     return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
 def _metric_value(value: Any) -> float:
-    if hasattr(value, "item"):
-        value = value.item()
-    return float(value)
+    return float(value)  # also numpy scalars and 0-d tensors
 
 
-def _hparams_summary(tag: str, plugin_data) -> Any:
+def _session_info(tag: str, **info: Any):
+    """A Summary holding one HParams session message (start or end)."""
     from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
+    data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **info)
     summary = summary_pb2.Summary()
-    summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(plugin_data), tensor=metadata.NULL_TENSOR)
+    summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)
     return summary
 
 
@@ -276,21 +261,12 @@ def write_hparams(
     trial: str | None = None,
     step: int = 0,
 ) -> None:
-    """Record this run as an HParams session in the writer's own folder (what
-    ``add_hparams(..., run_name=".")`` does, minus the per-run experiment summary; see the module
-    docstring). The logger gives it a writer of its own (``<run>/hparams``).
-
-    ``hparams`` values are converted with :func:`_plain` (None → "none", lists → JSON string,
-    bools stay bools). Each metric is written once, as the scalar ``hparam/<name>`` at ``step`` (a
-    name that already starts with ``hparam/`` is kept); a None metric (e.g. FWT of a one-task
-    stream, BWT of joint training on all tasks at once) is left out, so the run shows an empty
-    cell. Every run is its own session group, named ``trial`` (the dashboard's trial id; the logger
-    passes the run's folder name, e.g. ``3_lambda=10,method=ewc (2025-01-01_12-00-00)``); without
-    a name, a hash of all hyperparameters. Seeds are never grouped: the dashboard copies one
-    session's values into a group's row, so grouping seeds would show a wrong seed (summary.md has
-    the mean ± std). ``status`` "ok" → STATUS_SUCCESS, "failed"/"diverged" → STATUS_FAILURE,
-    anything else (interrupted, cancelled, timeout: resumable) → STATUS_UNKNOWN.
-    """
+    """Record this run as an HParams session in the writer's folder (``add_hparams(..., run_name=".")``
+    minus the experiment summary; see the module docstring). Values through :func:`_plain`; each
+    metric once, as the scalar ``hparam/<name>`` at ``step``, a None metric left out (an empty cell).
+    Every run is its own session group named ``trial`` (the logger passes the run's folder name;
+    default: a hash of the hyperparameters): grouping seeds would show one session's seed for all.
+    ``status`` ok → SUCCESS, failed/diverged → FAILURE, others (resumable) → UNKNOWN."""
     import hashlib
 
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -307,31 +283,15 @@ def write_hparams(
             start.hparams[name].number_value = float(v)
         else:
             start.hparams[name].string_value = v
-    fw = writer._get_file_writer()
-    fw.add_summary(
-        _hparams_summary(
-            metadata.SESSION_START_INFO_TAG,
-            plugin_data_pb2.HParamsPluginData(session_start_info=start, version=metadata.PLUGIN_DATA_VERSION),
-        ),
-        0,
-    )
+    writer.file_writer.add_summary(_session_info(metadata.SESSION_START_INFO_TAG, session_start_info=start), 0)
     for name, value in metrics.items():
         if value is None:
             continue
         tag = name if str(name).startswith("hparam/") else f"hparam/{name}"
         writer.add_scalar(tag, _metric_value(value), step)
     code = {"ok": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE, "diverged": api_pb2.STATUS_FAILURE}
-    end = plugin_data_pb2.SessionEndInfo(
-        status=code.get(status, api_pb2.STATUS_UNKNOWN),
-        end_time_secs=time.time(),
-    )
-    fw.add_summary(
-        _hparams_summary(
-            metadata.SESSION_END_INFO_TAG,
-            plugin_data_pb2.HParamsPluginData(session_end_info=end, version=metadata.PLUGIN_DATA_VERSION),
-        ),
-        0,
-    )
+    end = plugin_data_pb2.SessionEndInfo(status=code.get(status, api_pb2.STATUS_UNKNOWN), end_time_secs=time.time())
+    writer.file_writer.add_summary(_session_info(metadata.SESSION_END_INFO_TAG, session_end_info=end), 0)
     writer.flush()
 
 
@@ -348,3 +308,94 @@ def write_importance_histograms(writer, importance: Mapping[str, Any], step: int
         if arr.size == 0:
             continue
         writer.add_histogram("importance/" + str(name).replace(".", "/"), arr, int(step))
+
+
+def matrix_markdown(matrix: Sequence[Sequence[float]], names: Sequence[str], initial: Sequence[float]) -> str:
+    """The accuracy matrix as a markdown table (percent): rows = the initial model, after training task i."""
+    rows = [["init", *map(pct, initial)]] + [[f"T{i + 1}", *map(pct, r)] for i, r in enumerate(matrix)]
+    return md_table(["after \\ on", *(f"T{j + 1} {n}" for j, n in enumerate(names))], rows)
+
+
+def run_hparams(ident: Mapping[str, Any], strength: float | None, cfg: Any) -> dict[str, Any]:
+    """The HParams record of a run: its identity but the experiment, λ (None for a method without
+    one), the method's options as ``method.<key>``, and the training length and learning rate."""
+    hparams = {k: ident[k] for k in IDENTITY if k != "experiment"} | {"lambda": strength}
+    hparams |= {f"method.{k}": v for k, v in ident["method_options"].items()}
+    keys = ("epochs", "iterations", "batch_size")
+    return hparams | {"lr": cfg.optimizer.lr} | {k: cfg[k] for k in keys}
+
+
+class TensorBoardLogger(TrainerEvents):
+    """A run's TensorBoard events, written into the run folder itself (so that TensorBoard names the
+    run after the folder, e.g. ``3_lambda=10,method=ewc``) and its HParams session into the sub-run
+    ``<run>/hparams``.
+
+    Conventions (README, "Outputs and TensorBoard"): the step of every event is the number of
+    optimizer steps taken since the start of the run (``acc/task_<j>`` at step 0 = the initial
+    model, then at the step where each task ended); accuracies and metrics are in percent;
+    ``train/loss`` and ``train/penalty`` (λ·penalty) are per optimizer step. The final metrics are
+    written once, as ``hparam/<metric>`` in ``<run>/hparams``.
+    """
+
+    def __init__(
+        self, log_dir: Path, n_tasks: int, log_every: int = 1, trial: str | None = None, purge_step: int | None = None
+    ):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        # purge_step (a resumed run: the optimizer step of its checkpoint) hides the events an earlier,
+        # interrupted attempt wrote from that step on, so curves are not drawn twice
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.log_every = max(1, int(log_every))
+        self.trial = trial or f"{self.log_dir.name} ({self.log_dir.parent.name})"
+        self.step = max(0, (purge_step or 1) - 1)  # optimizer steps taken so far
+        self.task_end_steps: list[int] = []
+
+    def task_end(self, t: int, first_step: int, losses: list[float], penalties: list[float]) -> None:
+        for k in range(0, len(losses), self.log_every):
+            self.writer.add_scalar("train/loss", losses[k], first_step + k)
+            self.writer.add_scalar("train/penalty", penalties[k], first_step + k)
+        self.step = first_step + len(losses)
+        self.task_end_steps.append(self.step)
+
+    def evaluated(self, trained: int, row: list[float]) -> None:
+        step = 0 if trained < 0 else self.step
+        for j, a in enumerate(row):
+            self.writer.add_scalar(f"acc/task_{j + 1}", 100.0 * a, step)
+        if trained >= 0:
+            self.writer.add_scalar("acc/average_seen", 100.0 * sum(row[: trained + 1]) / (trained + 1), step)
+
+    def consolidated(self, t: int, method: Any) -> None:
+        importance = method.importance()
+        if importance:
+            write_importance_histograms(self.writer, importance, self.step)
+
+    def _hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], status: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.log_dir / "hparams")) as w:
+            write_hparams(w, hparams, metrics, status=status, trial=self.trial, step=self.step)
+
+    def final(self, result: dict[str, Any], hparams: dict[str, Any]) -> None:
+        names, matrix, initial = result["task_names"], result["accuracy_matrix"], result["initial_accuracy"]
+        ends = ", ".join(f"T{i + 1} at step {s}" for i, s in enumerate(self.task_end_steps)) or "none"
+        note = "Accuracies in %. Step axis = optimizer steps since the start of the run: step 0 = the initial model"
+        self.writer.add_text(
+            "accuracy_matrix",
+            f"{matrix_markdown(matrix, names, initial)}\n\n{note}; tasks ended at: {ends}.",
+            self.step,
+        )
+        if matrix:
+            for tag, image in (
+                ("heatmap", accuracy_heatmap(matrix, names)),
+                ("per_task_curves", accuracy_curves(matrix, names, initial)),
+            ):
+                self.writer.add_image(f"accuracy_matrix/{tag}", image, self.step, dataformats="HWC")
+        metrics = {k: 100.0 * result[k] for k in METRICS if result.get(k) is not None}
+        self._hparams(hparams, metrics, result.get("status", "ok"))
+
+    def failed(self, hparams: dict[str, Any], status: str = "failed") -> None:
+        self._hparams(hparams, {}, status)
+
+    def close(self) -> None:
+        self.writer.close()

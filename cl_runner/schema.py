@@ -1,0 +1,81 @@
+"""The run schema: the names and formats that metrics.json, accuracy_matrix.csv, the terminal,
+TensorBoard and the sweep summary share. One place for each: a new metric or identity field is added
+here and every report follows. No torch import (the sweep summary reads job folders with it).
+
+Formatting: metrics are stored as fractions and shown in percent with two decimals, the sign as
+Python prints it (``-54.50``, no ``+``); a missing value is blank (the terminal shows ``n/a``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
+#: computed by the sweep summary only (it needs the joint reference runs)
+OPTIONAL_METRICS = ("intransigence",)
+TITLES = dict(
+    acc="ACC", bwt="BWT", fwt="FWT", forgetting="forgetting", learning_accuracy="LA", intransigence="intransigence"
+)
+STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
+#: identity field → its path in the composed config (``experiment``: Hydra's choice of that group)
+IDENTITY = {
+    "method": "method.name",
+    "lambda": "lambda",
+    "benchmark": "benchmark.name",
+    "scenario": "scenario",
+    "seed": "seed",
+    "model": "model.name",
+    "optimizer": "optimizer.name",
+    "experiment": None,
+}
+#: identity fields that tables show only when they vary between jobs
+SETTINGS = ("model", "optimizer", "experiment")
+
+
+def _select(cfg: DictConfig, path: str) -> Any:
+    try:
+        value = OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception:  # a broken interpolation must not hide the rest (e.g. a failure being recorded)
+        return None
+
+
+def identity(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
+    """The :data:`IDENTITY` fields of a composed config and ``method_options`` (the method node but
+    its labels and ``_…_`` keys), each resolved on its own so that one broken value loses nothing else."""
+    ident = {key: _select(cfg, path) if path else experiment for key, path in IDENTITY.items()}
+    method = cfg.get("method")
+    ident["method_options"] = (
+        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda") and not str(k).startswith("_")}
+        if isinstance(method, DictConfig)
+        else {}
+    )
+    return ident
+
+
+def plain(v: Any) -> str:
+    """A value in a table cell: floats as ``%g``, None blank."""
+    return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def pct(v: float | None, blank: str = "") -> str:
+    """A fraction in percent, two decimals; ``blank`` for None/NaN."""
+    return blank if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+
+def pct_pm(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` in percent (``mean`` alone without a std)."""
+    return pct(mean) + ("" if mean is None or std is None else f" ± {100 * std:.2f}")
+
+
+def md_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table; ``|`` and line breaks inside cells are escaped."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
