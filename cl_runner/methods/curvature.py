@@ -124,16 +124,22 @@ class Curvature:
         raise NotImplementedError
 
     def image(self, max_side: int = 1024) -> Tensor:
-        """The matrix as a picture (H, W) in [0, 1]: log10|F_ij| over the 6 decades below the largest
-        entry (0 = smaller or zero), max-pooled to at most ``max_side`` pixels a side."""
-        m = self.to_dense().abs().float()
-        k = max(1, math.ceil(m.shape[0] / max_side))
-        if k > 1:
-            m = F.max_pool2d(m[None, None], k, ceil_mode=True)[0, 0]
-        top = m.max()
-        if not top > 0:
-            return torch.zeros_like(m)
-        return ((torch.log10(m.clamp_min(top * 1e-6) / top) + 6) / 6).clamp(0, 1)
+        """The matrix as a picture (see :func:`picture`)."""
+        return picture(self.to_dense(), max_side)
+
+
+def picture(matrix: Tensor, max_side: int = 1024) -> Tensor:
+    """A matrix as a picture (H, W) in [0, 1]: log10|M_ij| over the 6 decades below the largest entry
+    (0 = smaller or zero), max-pooled to at most ``max_side`` pixels a side (small entries stay visible
+    next to large ones; a pooled pixel shows the largest entry it covers)."""
+    m = matrix.detach().abs().float()
+    k = max(1, math.ceil(max(m.shape) / max_side))
+    if k > 1:
+        m = F.max_pool2d(m[None, None], k, ceil_mode=True)[0, 0]
+    top = m.max()
+    if not top > 0:
+        return torch.zeros_like(m)
+    return ((torch.log10(m.clamp_min(top * 1e-6) / top) + 6) / 6).clamp(0, 1)
 
 
 class DiagCurvature(Curvature):
@@ -319,6 +325,21 @@ class KFACCurvature(Curvature):
                 idx = torch.cat([idx, (offsets[layer["bias"]] + o)[:, None]], 1)
             idx = idx.reshape(-1)
             out[idx[:, None], idx[None, :]] = block
+        return out
+
+    def image(self, max_side: int = 1024) -> Tensor:
+        """The block-diagonal matrix as a picture; above ``DENSE_LIMIT`` parameters use
+        :meth:`factor_images` (the P × P matrix would not fit)."""
+        if self.n_params > DENSE_LIMIT:
+            raise ValueError(f"KFAC image: {self.n_params:,} parameters, above {DENSE_LIMIT:,}; use factor_images()")
+        return super().image(max_side)
+
+    def factor_images(self, max_side: int = 1024) -> dict[str, Tensor]:
+        """``<layer>/A`` and ``<layer>/G`` pictures of each layer's factors (its latest Kronecker term)."""
+        out = {}
+        for name, layer in self.layers.items():
+            _, a, g = layer["terms"][-1]
+            out[f"{name or 'model'}/A"], out[f"{name or 'model'}/G"] = picture(a, max_side), picture(g, max_side)
         return out
 
     def diagonal(self):
