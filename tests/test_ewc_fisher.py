@@ -167,3 +167,12 @@ def test_fisher_picture_is_in_tensorboard(tmp_path, kind):
     assert last.shape == want.shape == (-(-p // 3),) * 2  # 2,580 parameters, max-pooled by 3 to ≤ 1024
     assert np.abs(last - want).max() <= 1  # uint8 rounding
     assert last.max() == 255 and last.min() == 0
+
+
+def test_cl_run_refuses_a_too_large_dense_fisher_before_any_folder():
+    from cl_runner.app import validate
+
+    cfg = compose_config("method=ewc", "method.fisher=dense")  # the default MLP 400-400: 190,410 parameters
+    with pytest.raises(ValueError, match=r"^method.fisher=dense: the model has 190,410 trainable parameters"):
+        validate(cfg)
+    validate(compose_config("method=ewc", "method.fisher=kfac"))  # kfac has no limit

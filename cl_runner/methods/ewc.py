@@ -106,6 +106,9 @@ class EWC(QuadraticPenalty):
 
     def setup(self, model: nn.Module, stream, seed: int = 0) -> None:
         super().setup(model, stream, seed)
+        self.check_model(model)
+
+    def check_model(self, model: nn.Module) -> None:
         if self.fisher_kind == "dense":
             curvature.check_dense(sum(p.numel() for p in named_params(model).values()))
 
