@@ -90,9 +90,9 @@ def validate(cfg: DictConfig) -> None:
 
     check_benchmark(cfg.benchmark, cfg.scenario)
     make_optimizer_factory(cfg.optimizer)
-    method_from_config(cfg.method, strength)
+    method = method_from_config(cfg.method, strength)
     # options and fit to the input shape, before any data is read or folder made
-    build_model(cfg.model, input_shape(cfg.benchmark), 10)
+    method.check_model(build_model(cfg.model, input_shape(cfg.benchmark), 10))
 
 
 def resolve_device(name: Any) -> torch.device:

@@ -9,12 +9,19 @@
    this MLP takes, and by the generic torch.func path on --func-samples samples (with the per-sample
    time and its extrapolation to 60,000; it is linear in the number of samples).
 
+3. PROTOCOLS.md D3's CNN (``model=cnn_d3``, 2,980 parameters, 30 outputs, 28×28 MNIST, SGD lr 0.002,
+   batch 256, class-IL units of task 2): per-step time of EWC with ``method.fisher`` diag / kfac /
+   dense (1 and 2 past tasks) as a ratio to finetune; the Fisher of --d3-samples samples in each
+   representation (labels all over 10 units and sample), and one natural-gradient preconditioning
+   (Fisher of a 512-sample batch + solve, damping 0.01) per representation.
+
 Data: the MNIST training images read by the package's loader from ``<data_dir>`` (torchvision's
 layout; padded to 32×32, normalized with Hsu et al.'s mean 0.1 / std 0.2752) when present, random
 tensors of the same shape otherwise. Usage::
 
     python scripts/bench_methods.py [--data-dir /work/shared/data] [--threads 1] [--device cpu]
         [--steps 200] [--samples 60000] [--func-samples 2000] [--fisher-batch 32 64]
+        [--skip-d3] [--only-d3] [--d3-samples 2000]
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from cl_runner.data import transforms as T
 from cl_runner.data.datasets import DatasetUnavailable, load_dataset
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import build_method, eval_mode, per_sample
+from cl_runner.methods import build_method, curvature, eval_mode, per_sample
 from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
-from cl_runner.models import MLP
+from cl_runner.models import MLP, SmallCNN
 from cl_runner.trainer import Trainer
 
 METHODS = [
@@ -112,7 +120,12 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-fisher", action="store_true")
+    ap.add_argument("--skip-d3", action="store_true")
+    ap.add_argument("--only-d3", action="store_true", help="only part 3 (D3 CNN)")
+    ap.add_argument("--d3-samples", type=int, default=2000, help="samples for the D3 Fisher timings")
     args = ap.parse_args(argv)
+    if args.only_d3:
+        args.skip_steps = args.skip_fisher = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -174,6 +187,138 @@ def main(argv=None) -> None:
                     flush=True,
                 )
         per_sample.FAST_LINEAR = True
+
+    if not args.skip_d3:
+        bench_d3(args, device)
+
+
+# ---- 3. D3's CNN: structured-Fisher EWC per step, Fisher and preconditioning times ---------------
+
+
+def load_d3_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
+    """MNIST 28×28 normalized with MNIST's mean/std through the package's loader, or random tensors."""
+    try:
+        raw = load_dataset("mnist", data_dir or ".", download=False, seed=0)
+    except DatasetUnavailable:
+        return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)), "random tensors"
+    return (raw.x_train[:n] - 0.1307) / 0.3081, f"MNIST ({data_dir})"
+
+
+def d3_model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN((1, 28, 28), 30, head_bias=False).to(device)  # configs/model/cnn_d3.yaml
+
+
+D3_STEPS = [("finetune", {}, 0)] + [("ewc", {"fisher": k}, t) for k in ("diag", "kfac", "dense") for t in (1, 2)]
+
+
+def make_d3_stepper(name, options, n_tasks, x, y, device, steps, warmup):
+    """Like :func:`make_stepper` for D3: SGD lr 0.002, batch 256, the Fisher of each past task from
+    512 samples, then timed steps on class-IL units (0, 10 · (n_tasks + 1))."""
+    model = d3_model(device)
+    method = build_method(
+        name, None if name == "finetune" else 10.0, {**options, "fisher_samples": 512} if options else {}
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.002)
+    method.setup(model, None)
+    for t in range(n_tasks):
+        units = (0, 10 * (t + 1))
+        task = Task(t, f"t{t}", x[:512], y[:512] + 10 * t, x[:10], y[:10], list(range(10)), units, units)
+        method.before_task(model, task)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-2 * torch.randn_like(p))
+        method.after_task(model, task)
+    units = (0, 10 * (n_tasks + 1))
+    task = Task(n_tasks, "bench", x, y + 10 * n_tasks, x[:10], y[:10], list(range(10)), units, units)
+    method.before_task(model, task)
+    trainer = Trainer(model, method, None, lambda m: opt, batch_size=256, iterations=steps, seed=1)
+    data = method.training_data(TaskStream("bench", "class", [task], 30, (1, 28, 28)), 0)
+
+    def run_once() -> float:
+        trainer._train_task(data, opt, warmup, device, 0)
+        sync(device)
+        t0 = time.perf_counter()
+        trainer._train_task(data, opt, steps, device, 0)
+        sync(device)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    return run_once
+
+
+def _timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_d3(args, device: torch.device) -> None:
+    x, source = load_d3_images(args.data_dir, max(args.d3_samples, 4096))
+    x = x.to(device)
+    y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(2)).to(device)
+    n_params = sum(p.numel() for p in d3_model(device).parameters())
+    print(f"\nD3 CNN (model=cnn_d3, {n_params:,} parameters), data: {source}")
+    steps = max(20, args.steps // 4)
+    print(f"per-step time, batch 256, SGD lr 0.002, λ=10 (median of {args.repeats} × {steps} steps)")
+    print(f"{'method':<10} {'fisher':<8} {'past tasks':>10} {'ms/step':>9} {'× finetune':>11}")
+    steppers = [make_d3_stepper(n, o, k, x, y, device, steps, args.warmup) for n, o, k in D3_STEPS]
+    times: list[list[float]] = [[] for _ in D3_STEPS]
+    for _ in range(args.repeats):
+        for i, run_once in enumerate(steppers):
+            times[i].append(run_once())
+    base = statistics.median(times[0])
+    for (name, options, n_tasks), ts in zip(D3_STEPS, times, strict=True):
+        ms = statistics.median(ts)
+        print(f"{name:<10} {options.get('fisher', ''):<8} {n_tasks:>10} {ms:>9.2f} {ms / base:>11.2f}", flush=True)
+
+    model = d3_model(device)
+    n = args.d3_samples
+    xs, ys = x[:n], y[:n]
+    print(f"\nFisher of {n:,} samples, 10 active units (eval mode); '→ 60k' extrapolates linearly")
+    print(f"{'representation':<34} {'labels':<7} {'seconds':>8} {'µs/sample':>10} {'→ 60k s':>8}")
+    runs = [
+        (
+            "diag (EWC's path, torch.func)",
+            "all",
+            lambda lab: per_sample.fisher_diagonal(model, xs, ys, (0, 10), lab, 16),
+        ),
+    ]
+    runs += [
+        (
+            f"{k} (curvature.fisher)",
+            None,
+            lambda lab, k=k: curvature.fisher(model, xs, (0, 10), kind=k, labels=lab, y=ys),
+        )
+        for k in curvature.KINDS
+    ]
+    for label, only, fn in runs:
+        for labels in (only,) if only else ("all", "sample"):
+            with eval_mode(model):
+                dt = _timed(lambda fn=fn, labels=labels: fn(labels), device)
+            print(f"{label:<34} {labels:<7} {dt:>8.2f} {dt / n * 1e6:>10.1f} {dt / n * 60000:>8.1f}", flush=True)
+
+    print("\nnatural-gradient step: Fisher of a 512-sample batch (20 active units) + solve, damping 0.01")
+    print(f"{'representation':<14} {'labels':<7} {'fisher ms':>10} {'solve ms':>9}")
+    xb, yb = x[:512], y[:512]
+    grads = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    for kind in curvature.KINDS:
+        for labels in ("sample", "all"):
+            f_times, s_times = [], []
+            for _ in range(3):
+                holder = {}
+                f_times.append(
+                    _timed(
+                        lambda kind=kind, labels=labels, holder=holder: holder.update(
+                            f=curvature.fisher(model, xb, (0, 20), kind=kind, labels=labels, y=yb)
+                        ),
+                        device,
+                    )
+                )
+                s_times.append(_timed(lambda holder=holder: holder["f"].solve(grads, 0.01), device))
+            fm, sm = statistics.median(f_times) * 1e3, statistics.median(s_times) * 1e3
+            print(f"{kind:<14} {labels:<7} {fm:>10.1f} {sm:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ class Method:
         self.stream = stream
         self.seed = int(seed)
 
+    def check_model(self, model: nn.Module) -> None:
+        """ValueError (one line) if the method cannot work with ``model`` (e.g. a dense Fisher too large
+        for it); called by cl-run's checks before any folder is made, and by methods' own setup."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the method between tasks (tensors and plain values)."""
         return {k: v for k, v in vars(self).items() if k != "stream"}
@@ -145,6 +149,11 @@ class Method:
 
     def importance(self) -> dict[str, Tensor]:
         """Per-parameter importance of the latest consolidation (for histograms); empty if none."""
+        return {}
+
+    def curvature_images(self) -> dict[str, Tensor]:
+        """Tag → 2-D picture in [0, 1] of the latest consolidation's curvature (e.g. a dense or KFAC
+        Fisher, logged to TensorBoard after each task); empty if none."""
         return {}
 
 
