@@ -39,7 +39,7 @@ Penalty (eq. 8, no ½ factor), single anchor θ* = the parameters at the end of 
     L(θ) = L_t(θ) + λ · Σ_i (F̂_i + ŝ_i) (θ_i − θ*_i)²
 
 The paper's sample replay is not part of this method (``replay`` is its own method). Per-step work
-is a few multi-tensor (foreach) kernels, as SI; the window update every Δt steps likewise.
+is four multi-tensor (foreach) kernels, as SI; the window update every Δt steps likewise.
 ``importance()``: F̂ + ŝ of the latest consolidation.
 """
 
@@ -77,15 +77,13 @@ class RWalk(QuadraticPenalty):
         self._omega: dict[str, Tensor] = {}  # ω of the open window
         self._sq: dict[str, Tensor] = {}  # Σ g² of the open window
         self._grad: dict[str, Tensor] = {}  # this step's task-loss gradient
-        self._prev: dict[str, Tensor] = {}  # θ before this step
         self._start: dict[str, Tensor] = {}  # θ at the start of the open window
         self._steps = 0  # steps in the open window
         self._imp: dict[str, Tensor] = {}
 
     def before_task(self, model: nn.Module, task: Task) -> None:
-        self._prev = snapshot(model)
         self._start = snapshot(model)
-        zeros = {n: torch.zeros_like(p) for n, p in self._prev.items()}
+        zeros = {n: torch.zeros_like(p) for n, p in self._start.items()}
         if not self._fisher:
             self._fisher = {n: z.clone() for n, z in zeros.items()}
         self._task_score = {n: z.clone() for n, z in zeros.items()}
@@ -96,38 +94,39 @@ class RWalk(QuadraticPenalty):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, batch: Batch | None = None) -> None:
-        # .grad holds the task-loss gradient only here (the penalty is added after this hook)
+        # .grad holds the task-loss gradient only here (the penalty is added after this hook).
+        # ω_k = −g_k·(θ_{k+1} − θ_k) is added in two halves, + g_k·θ_k now and − g_k·θ_{k+1} after the
+        # step: no copy of θ_k to keep (4 multi-tensor kernels a step, as SI)
         params = named_params(model)
         names = [n for n in self._grad if params[n].grad is not None]
-        grads = [params[n].grad for n in names]
-        if len(names) < len(self._grad):  # a parameter without a gradient moved by nothing here
+        if len(names) < len(self._grad):  # a parameter without a gradient moves by nothing here
             torch._foreach_zero_(list(self._grad.values()))
+        grads = [params[n].grad for n in names]
         torch._foreach_copy_([self._grad[n] for n in names], grads)
+        torch._foreach_addcmul_([self._omega[n] for n in names], grads, [params[n].detach() for n in names])
         torch._foreach_addcmul_([self._sq[n] for n in names], grads, grads)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, batch: Batch | None = None) -> None:
-        names = list(self._prev)
         params = named_params(model)
+        names = list(self._grad)
         current = [params[n].detach() for n in names]
-        prev = [self._prev[n] for n in names]
-        step = torch._foreach_sub(current, prev)
-        torch._foreach_addcmul_([self._omega[n] for n in names], [self._grad[n] for n in names], step, value=-1.0)
-        torch._foreach_copy_(prev, current)
+        torch._foreach_addcmul_([self._omega[n] for n in names], [self._grad[n] for n in names], current, value=-1.0)
         self._steps += 1
         if self._steps == self.update_every:
-            self._close_window()
+            self._close_window(current)
 
     @torch.no_grad()
-    def _close_window(self) -> None:
-        """EWC++ update of F with this window's mean g², then the window's score (eq. 6, 7)."""
+    def _close_window(self, current: list[Tensor]) -> None:
+        """EWC++ update of F with this window's mean g², then the window's score (eq. 6, 7);
+        ``current``: θ now, in the order of the stored names."""
         if self._steps == 0:
             return
-        names = list(self._prev)
+        names = list(self._grad)
         fisher = [self._fisher[n] for n in names]
         torch._foreach_mul_(fisher, 1.0 - self.alpha)
         torch._foreach_add_(fisher, [self._sq[n] for n in names], alpha=self.alpha / self._steps)
-        delta = torch._foreach_sub([self._prev[n] for n in names], [self._start[n] for n in names])
+        delta = torch._foreach_sub(current, [self._start[n] for n in names])
         denom = torch._foreach_mul(delta, delta)
         torch._foreach_mul_(denom, fisher)
         torch._foreach_mul_(denom, 0.5)
@@ -137,12 +136,13 @@ class RWalk(QuadraticPenalty):
         torch._foreach_add_([self._task_score[n] for n in names], ratio)
         torch._foreach_zero_([self._omega[n] for n in names])
         torch._foreach_zero_([self._sq[n] for n in names])
-        torch._foreach_copy_([self._start[n] for n in names], [self._prev[n] for n in names])
+        torch._foreach_copy_([self._start[n] for n in names], current)
         self._steps = 0
 
     @torch.no_grad()
     def after_task(self, model: nn.Module, task: Task) -> None:
-        self._close_window()
+        params = named_params(model)
+        self._close_window([params[n].detach() for n in self._grad])
         if self.n_tasks == 0:
             self._score = {n: s.clone() for n, s in self._task_score.items()}
         else:
