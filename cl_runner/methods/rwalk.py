@@ -25,7 +25,8 @@ then ω, tmp and the window start are reset. Choices (paper vs the authors' TF c
   window's score ω/ε dominate the normalized score). F starts at 0 and runs over the whole stream
   (EWC++ never resets it).
 - ½ in the denominator as in eq. 7 (the authors' code drops it); ε = ``eps`` (the authors' 1e-3).
-- A window still open at the end of a task is closed there (its steps count).
+- A window still open at the end of a task is closed there (its steps count; tmp is divided by the
+  window's own number of steps).
 
 At the end of task t: the task's score s_t (reset per task) is combined with the earlier ones by
 averaging, s ← ½ (s + s_t) (the paper, "to reduce the rigidity"; after the first task s = s_1, the
