@@ -53,6 +53,8 @@ METHODS = [
     ("mas", {"mas_samples": 256}, 1),
     ("si", {"grad": "task"}, 1),
     ("si", {"grad": "total"}, 1),
+    ("rwalk", {}, 1),
+    ("scp", {"scp_samples": 256}, 1),
 ]
 
 

@@ -32,7 +32,7 @@ def method_from_config(node: Any, strength: float | None) -> Method:
         if strength:
             raise ValueError(
                 f"lambda={strength:g} given, but method={name} has no regularization strength; "
-                "drop lambda= or choose a regularized method (l2, ewc, online_ewc, mas, si)"
+                "drop lambda= or choose a regularized method (l2, ewc, online_ewc, mas, si, rwalk, scp)"
             )
         strength = 0.0
     return make(strength=float(strength or 0.0))
