@@ -112,6 +112,8 @@ class TensorBoardLogger(TrainerEvents):
         importance = method.importance()
         if importance:
             self.extras.write_importance_histograms(self.writer, importance, self.step)
+        for tag, image in getattr(method, "curvature_images", dict)().items():  # (H, W) in [0, 1]
+            self.writer.add_image(tag, image.detach().float().cpu(), self.step, dataformats="HW")
 
     def _hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], status: str) -> None:
         from torch.utils.tensorboard import SummaryWriter

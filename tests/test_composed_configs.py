@@ -2,7 +2,8 @@
 presets' per-method values moved from `protocol.*` + `oc.select` into configs/protocol/<experiment>/
 <method>.yaml (chosen by each preset's defaults list). tests/data/composed_configs.json was written
 by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's instantiation keys
-(`_target_`, `_partial_`) are not values and are left out of the comparison."""
+(`_target_`, `_partial_`) are not values and are left out of the comparison. Added deliberately since:
+`method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal)."""
 
 from __future__ import annotations
 

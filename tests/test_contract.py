@@ -5,6 +5,9 @@ configs/, so a new file is covered without editing this test).
   optimizer holds), the same values, buffers, gradients, training flags and global RNG state.
 - λ = 0 reproduces finetune's accuracy matrix exactly, for every method with a strength (the
   methods without one, joint, replay, ng_replay, train on other data and refuse ``lambda``).
+
+EWC and online EWC run once per Fisher representation (``method.fisher``: diag, kfac, dense); dense
+on a model above the limit must be refused in one line instead.
 """
 
 from importlib import resources
@@ -16,7 +19,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
-from cl_runner.methods import build_method
+from cl_runner.methods import build_method, curvature
 from cl_runner.models import build_model
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
@@ -25,6 +28,10 @@ MODELS = sorted(f.name[:-5] for f in (CONFIGS / "model").iterdir() if f.name.end
 METHODS = sorted(f.name[:-5] for f in (CONFIGS / "method").iterdir() if f.name.endswith(".yaml"))
 # methods with a strength λ (their config's lambda is not null); λ = 0 must make them finetune
 WITH_STRENGTH = [m for m in METHODS if OmegaConf.load(str(CONFIGS / "method" / f"{m}.yaml")).get("lambda") is not None]
+# a method with extra overrides: "ewc+method.fisher=kfac"
+VARIANTS = METHODS + [
+    f"{m}+method.fisher={k}" for m in ("ewc", "online_ewc") if m in METHODS for k in ("kfac", "dense")
+]
 # small and fast, and large enough for every model: 2 tasks of digits padded to 32×32 (the CNNs'
 # kernels need more than 8×8), 24 training images per task
 SMALL = [
@@ -44,16 +51,31 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", METHODS)
+def _overrides(variant):
+    method, *extra = variant.split("+")
+    return method, [f"method={method}", *extra]
+
+
+def _refused_dense(variant, model):
+    """A dense Fisher above the limit: the one-line refusal is the expected outcome."""
+    return "fisher=dense" in variant and sum(p.numel() for p in model.parameters()) > curvature.DENSE_LIMIT
+
+
+@pytest.mark.parametrize("method", VARIANTS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_importance_pass_leaves_the_model_as_found(model_name, method):
-    cfg = compose_config(*SMALL, f"model={model_name}", f"method={method}")
+    method, overrides = _overrides(method)
+    cfg = compose_config(*SMALL, f"model={model_name}", *overrides)
     torch.manual_seed(0)
     stream = build_stream(cfg.benchmark, cfg.scenario, 0, "cpu", ".")
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs)
     m = build_method(
         method, cfg.method.get("lambda") or 0.0, {k: v for k, v in cfg.method.items() if k not in ("name", "lambda")}
     )
+    if _refused_dense(" ".join(overrides), model):
+        with pytest.raises(ValueError, match=r"^method.fisher=dense: the model has [\d,]+ trainable parameters, more"):
+            m.setup(model, stream, seed=0)
+        return
     m.setup(model, stream, seed=0)
     optimizer = make_optimizer_factory(cfg.optimizer)(model)
     model.train()
@@ -90,10 +112,17 @@ def finetune_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("method", WITH_STRENGTH)
+@pytest.mark.parametrize("method", [m for m in VARIANTS if m.split("+")[0] in WITH_STRENGTH])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_lambda_zero_is_finetune(tmp_path, finetune_runs, model_name, method):
-    reg = compose_config(*SMALL, f"model={model_name}", f"method={method}", "lambda=0")
+    method, overrides = _overrides(method)
+    reg = compose_config(*SMALL, f"model={model_name}", *overrides, "lambda=0")
+    if "method.fisher=dense" in overrides:
+        stream = build_stream(reg.benchmark, reg.scenario, 0, "cpu", ".")
+        if _refused_dense("fisher=dense", build_model(reg.model, stream.input_shape, stream.n_outputs)):
+            with pytest.raises(ValueError, match="method.fisher=dense: the model has"):
+                run_experiment(reg, tmp_path / method)
+            return
     a = finetune_runs(model_name)
     b = run_experiment(reg, tmp_path / method)
     assert b["lambda"] == 0

@@ -147,6 +147,11 @@ class Method:
         """Per-parameter importance of the latest consolidation (for histograms); empty if none."""
         return {}
 
+    def curvature_images(self) -> dict[str, Tensor]:
+        """Tag → 2-D picture in [0, 1] of the latest consolidation's curvature (e.g. a dense or KFAC
+        Fisher, logged to TensorBoard after each task); empty if none."""
+        return {}
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:

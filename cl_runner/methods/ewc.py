@@ -30,7 +30,13 @@
   the per-sample gradients held in memory at once by the ``torch.func`` path (for ``all``:
   fisher_batch // K samples × K classes); Linear-only models take an exact closed form that holds
   none (see per_sample.py).
-- ``importance()``: the latest task's Fisher.
+- ``fisher``: the representation of F_k (``cl_runner/methods/curvature.py``): ``diag`` (the code
+  path above, the default), ``kfac`` (per Linear/Conv2d layer G ⊗ A, the rest diagonal) or
+  ``dense`` (P × P, refused above 20,000 parameters). With kfac/dense the penalty is
+  λ · s · Σ_{k<t} (θ − θ*_k)ᵀ F_k (θ − θ*_k), one term per past task (a matvec each per step), and
+  only ``fisher_estimator=per_sample``; ``fisher_batch`` is then the chunk of samples per pass.
+- ``importance()``: the latest task's Fisher (its diagonal for kfac/dense);
+  ``curvature_images()``: the latest kfac/dense Fisher as a picture (TensorBoard ``fisher/<kind>``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
-from cl_runner.methods.base import eval_mode
+from cl_runner.methods import curvature
+from cl_runner.methods.base import eval_mode, named_params
 from cl_runner.methods.per_sample import (
     FISHER_ESTIMATORS,
     FISHER_LABELS,
@@ -68,8 +75,10 @@ class EWC(QuadraticPenalty):
         fisher_estimator: str,
         sq_grad_batch_size: int,
         sq_grad_batches: int,
+        fisher: str,
     ):
         super().__init__(strength, half=half)
+        self.fisher_kind = check_choice("fisher", fisher, curvature.KINDS)
         self.fisher_labels = check_choice("fisher_labels", fisher_labels, FISHER_LABELS)
         self.fisher_samples = check_count("fisher_samples", fisher_samples, allow_none=True)
         self.fisher_batch = check_count("fisher_batch", fisher_batch)
@@ -77,6 +86,10 @@ class EWC(QuadraticPenalty):
         self.sq_grad_batch_size = check_count("sq_grad_batch_size", sq_grad_batch_size)
         self.sq_grad_batches = check_count("sq_grad_batches", sq_grad_batches)
         if self.fisher_estimator == "squared_batch_grad":
+            if self.fisher_kind != "diag":
+                raise ValueError(
+                    f"method.fisher={fisher} needs fisher_estimator=per_sample (squared_batch_grad is diagonal only)"
+                )
             if self.fisher_labels == "all":
                 raise ValueError(
                     "method.fisher_labels=all does not apply to fisher_estimator=squared_batch_grad; "
@@ -89,6 +102,12 @@ class EWC(QuadraticPenalty):
                 )
         self._terms: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
         self._latest: dict[str, Tensor] = {}
+        self._curv_terms: list[curvature.Term] = []  # fisher=kfac/dense: (θ*_k, F_k, weight)
+
+    def setup(self, model: nn.Module, stream, seed: int = 0) -> None:
+        super().setup(model, stream, seed)
+        if self.fisher_kind == "dense":
+            curvature.check_dense(sum(p.numel() for p in named_params(model).values()))
 
     def fisher(self, model: nn.Module, task: Task) -> dict[str, Tensor]:
         """Diagonal Fisher of ``task`` at the model's current parameters (eval mode, state kept)."""
@@ -106,10 +125,54 @@ class EWC(QuadraticPenalty):
         with eval_mode(model):
             return fisher_diagonal(model, x, y, task.units, self.fisher_labels, self.fisher_batch, g)
 
+    def structured_fisher(self, model: nn.Module, task: Task) -> curvature.Curvature:
+        """``fisher`` = kfac | dense of ``task`` (same samples and labels as the diagonal)."""
+        g = task_generator(self.seed, task.id)
+        x, y = task.x_train, task.y_train
+        idx = choose_subset(len(x), self.fisher_samples, g)
+        if idx is not None:
+            idx = idx.to(x.device)
+            x, y = x[idx], y[idx]
+        kind, labels, chunk = self.fisher_kind, self.fisher_labels, self.fisher_batch
+        return curvature.fisher(model, x, task.units, kind=kind, labels=labels, y=y, generator=g, chunk=chunk)
+
     def after_task(self, model: nn.Module, task: Task) -> None:
+        if self.fisher_kind != "diag":
+            f = self.structured_fisher(model, task)
+            self._latest = f.diagonal()
+            self._curv_terms.append((snapshot(model), f, 1.0))
+            return
         self._latest = self.fisher(model, task)
         self._terms.append((snapshot(model), self._latest))
         self.set_terms(self._terms)
+
+    def penalty(self, model: nn.Module) -> Tensor | None:
+        if self.fisher_kind == "diag":
+            return super().penalty(model)
+        total = curvature.penalty(self._curv_terms, model)
+        return None if total is None else (0.5 if self.half else 1.0) * total
+
+    def add_penalty_grad(self, model: nn.Module) -> Tensor | None:
+        if self.fisher_kind == "diag":
+            return super().add_penalty_grad(model)
+        return curvature.add_penalty_grad(self._curv_terms, model, self.strength * (0.5 if self.half else 1.0))
+
+    def curvature_images(self) -> dict[str, Tensor]:
+        """The latest Fisher as a picture; a KFAC one too large for a matrix as its layers' factors."""
+        if not self._curv_terms:
+            return {}
+        f = self._curv_terms[-1][1]
+        if f.kind == "kfac" and f.n_params > curvature.DENSE_LIMIT:
+            return {f"fisher/kfac/{k}": v for k, v in f.factor_images().items()}
+        return {f"fisher/{self.fisher_kind}": f.image()}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["_curv_terms"] = curvature.terms_state(self._curv_terms)
+        return state
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict({**state, "_curv_terms": curvature.terms_from_state(state["_curv_terms"])})
 
     def importance(self) -> dict[str, Tensor]:
         return dict(self._latest)

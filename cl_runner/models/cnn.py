@@ -1,5 +1,7 @@
 """Small convolutional network (the seeds' CNN: conv 5×5 → 5 ch, pool, conv 5×5 → 5 ch, pool,
-fc 80 → 20 → outputs on 28×28 inputs)."""
+fc 80 → 20 → outputs on 28×28 inputs). ``head_bias=False`` gives PROTOCOLS.md D3's head (fc 20 → 30
+without bias, ``configs/model/cnn_d3.yaml``). ReLU before max-pool equals D3's pool-then-ReLU: both
+are monotone, so they commute."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class SmallCNN(nn.Module):
         kernel_size: int = 5,
         fc: list[int] = (20,),
         batch_norm: bool = False,
+        head_bias: bool = True,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -39,7 +42,9 @@ class SmallCNN(nn.Module):
             fcs += [nn.Linear(width, int(h)), nn.ReLU()]
             width = int(h)
         self.body = nn.Sequential(features, *fcs)
-        self.head = nn.Linear(width, n_outputs)
+        if not isinstance(head_bias, bool):
+            raise ValueError(f"model.head_bias={head_bias!r} must be true or false")
+        self.head = nn.Linear(width, n_outputs, bias=head_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
