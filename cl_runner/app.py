@@ -79,6 +79,10 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"lambda must be a finite number >= 0, got {strength}")
         if strength < 0:
             raise ValueError(f"lambda must be >= 0, got {strength}")
+    from cl_runner.trainer import EVAL_EVERY
+
+    if cfg.get("eval_every") not in EVAL_EVERY:
+        raise ValueError(f"eval_every={cfg.get('eval_every')!r} is unknown; choose one of: {', '.join(EVAL_EVERY)}")
     for key in ("reset_optimizer", "download", "keep_checkpoint"):
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
@@ -230,7 +234,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     from cl_runner.methods import method_from_config
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
-    from cl_runner.report.files import write_result_files
+    from cl_runner.report.files import CurvesCSV, write_result_files
     from cl_runner.report.tb import TensorBoardLogger, run_hparams
     from cl_runner.report.terminal import ConsoleLogger, Fanout
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
@@ -265,8 +269,9 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
         reset_optimizer=cfg.reset_optimizer,
         eval_batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
-        events=Fanout(console_log, tb),
+        events=Fanout(console_log, tb, *([CurvesCSV(out_dir, saved)] if cfg.eval_every == "epoch" else [])),
         checkpoint=checkpoint,
+        eval_every=cfg.eval_every,
     )
     if saved:
         done = saved["trainer"]["tasks_done"]

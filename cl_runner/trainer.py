@@ -66,6 +66,33 @@ def evaluate(model: nn.Module, stream: TaskStream, trained: int, batch_size: int
     return torch.stack(accs).tolist()  # one host sync per row
 
 
+@torch.no_grad()
+def evaluate_with_loss(
+    model: nn.Module, stream: TaskStream, trained: int, batch_size: int = 1024
+) -> tuple[list[float], list[float]]:
+    """Test accuracy and mean test cross-entropy (over the units :func:`evaluate` uses) on every task
+    after ``trained`` (for the curves over epochs, ``eval_every: epoch``)."""
+    was_training = model.training
+    model.eval()
+    accs, losses = [], []
+    for j, task in enumerate(stream):
+        lo, hi = stream.eval_units(trained, j)
+        correct = torch.zeros((), device=task.y_test.device, dtype=torch.long)
+        total = torch.zeros((), device=task.y_test.device)
+        for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size), strict=True):
+            logits = model(xb)[:, lo:hi]
+            correct += (logits.argmax(1) + lo == yb).sum()
+            total += F.cross_entropy(logits, yb - lo, reduction="sum")
+        n = max(len(task.y_test), 1)
+        accs.append(correct.float() / n)
+        losses.append(total / n)
+    model.train(was_training)
+    return torch.stack(accs).tolist(), torch.stack(losses).tolist()
+
+
+EVAL_EVERY = ("task", "epoch")
+
+
 class TrainerEvents:
     """What the trainer reports; loggers override what they need."""
 
@@ -74,6 +101,9 @@ class TrainerEvents:
     def task_end(self, t: int, first_step: int, losses: list[float], penalties: list[float]) -> None: ...
     def evaluated(self, trained: int, row: list[float]) -> None: ...
     def consolidated(self, t: int, method: Method) -> None: ...
+    def epoch_evaluated(self, t: int, epoch: int, step: int, accs: list[float], losses: list[float]) -> None:
+        """``eval_every: epoch``: test accuracy and loss on every task after epoch ``epoch`` (1-based)
+        of task ``t``, ``step`` = optimizer steps since the start of the run."""
 
 
 class Diverged(RuntimeError):
@@ -118,6 +148,7 @@ class Trainer:
         events: TrainerEvents | None = None,
         progress_every: int = 50,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        eval_every: str = "task",
     ):
         self.model, self.method, self.stream = model, method, stream
         self.make_optimizer = optimizer
@@ -128,6 +159,9 @@ class Trainer:
         self.events = events or TrainerEvents()
         self.progress_every = progress_every
         self.checkpoint = checkpoint
+        if eval_every not in EVAL_EVERY:
+            raise ValueError(f"eval_every={eval_every!r} is unknown; choose one of: {', '.join(EVAL_EVERY)}")
+        self.eval_every = eval_every
         self.matrix: list[list[float]] = []
         self.initial: list[float] = []
         self.steps = 0
@@ -223,7 +257,7 @@ class Trainer:
         penalties = torch.zeros(n_steps, device=device)
         strength = method.strength
         model.train()
-        step, checked = 0, 0
+        step, checked, epoch = 0, 0, 0
         while step < n_steps:
             for idx in batch_indices(len(data), self.batch_size, self.generator, device):
                 su = None if data.sample_units is None else data.sample_units[idx]
@@ -251,6 +285,10 @@ class Trainer:
                     self.events.progress(t, step, float(losses[step - 1]))
                 if step >= n_steps:
                     break
+            epoch += 1  # a pass over the task's data ended (or the task's last step, with `iterations`)
+            if self.eval_every == "epoch":
+                accs, test_losses = evaluate_with_loss(model, self.stream, t, self.eval_batch_size)
+                self.events.epoch_evaluated(t, epoch, self.steps + step, accs, test_losses)
         return losses.tolist(), penalties.tolist()
 
     def _check_finite(self, losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:

@@ -1,7 +1,9 @@
 """Benchmark the methods' costs on MNIST-sized data (issue 3).
 
 1. Per-step overhead: time of one training step (forward, task-loss backward, the method's hooks,
-   fused λ·penalty gradient, Adam step) for each method with its penalty active, versus finetune.
+   fused λ·penalty gradient, Adam step) for each method with its penalty active, versus finetune;
+   replay's step trains on the batch plus as many memory samples (twice the samples) and updates
+   the reservoir.
    Model MLP 1024-400-400-10 (Hsu et al.'s padded MNIST), batch 128, Adam lr 1e-3. EWC is timed
    with 1 and with 4 consolidated tasks (one penalty term per past task).
 2. Importance passes on N (default 60,000) samples: the EWC Fisher with fisher_labels=all (exact
@@ -55,7 +57,9 @@ METHODS = [
     ("si", {"grad": "total"}, 1),
     ("rwalk", {}, 1),
     ("scp", {"scp_samples": 256}, 1),
+    ("replay", {}, 0),  # batch 128 + 128 replayed from a full memory of 1000 (filled during the warm-up)
 ]
+NO_STRENGTH = ("finetune", "replay")
 
 
 def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
@@ -79,18 +83,18 @@ def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
     penalty holding ``n_tasks`` consolidated tasks; returns ms/step."""
     torch.manual_seed(0)
     model = MLP((1, 32, 32), 10).to(device)
-    method = build_method(name, None if name == "finetune" else 1.0, options)
+    method = build_method(name, None if name in NO_STRENGTH else 1.0, options)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     units = (0, 10)
-    method.setup(model, None)
-    for t in range(n_tasks):  # consolidate n_tasks tasks so the penalty has its terms
-        task = Task(t, f"t{t}", x[:512], y[:512], x[:10], y[:10], list(range(10)), units, units)
-        method.before_task(model, task)
+    tasks = [Task(t, f"t{t}", x[:512], y[:512], x[:10], y[:10], list(range(10)), units, units) for t in range(n_tasks)]
+    task = Task(n_tasks, "bench", x, y, x[:10], y[:10], list(range(10)), units, units)
+    method.setup(model, TaskStream("bench", "domain", [*tasks, task], 10, (1, 32, 32)))
+    for task_t in tasks:  # consolidate n_tasks tasks so the penalty has its terms
+        method.before_task(model, task_t)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1e-3 * torch.randn_like(p))
-        method.after_task(model, task)
-    task = Task(n_tasks, "bench", x, y, x[:10], y[:10], list(range(10)), units, units)
+        method.after_task(model, task_t)
     method.before_task(model, task)
     # the trainer's own step loop (cl_runner/trainer.py), on this one task
     trainer = Trainer(model, method, None, lambda m: opt, batch_size=128, iterations=steps, seed=1)

@@ -191,7 +191,9 @@ def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
         on_disk = json.loads((out / "metrics.json").read_text())
         assert on_disk["status"] == "ok" and on_disk["method"] == method
         n_tasks = len(on_disk["task_names"])
-        assert n_tasks == {"seeds_rotated_mnist": 5}.get(preset, {"hsu": 5, "van": 3, "see": 2}[preset[:3]])
+        # seeds_fellowship_cnn: MNIST, Fashion-MNIST and KMNIST (the fake files in the real format)
+        special = {"seeds_rotated_mnist": 5, "seeds_fellowship_cnn": 3}
+        assert n_tasks == special.get(preset, {"hsu": 5, "van": 3, "see": 2}[preset[:3]])
         assert len(on_disk["accuracy_matrix"]) == n_tasks and all(len(r) == n_tasks for r in on_disk["accuracy_matrix"])
         assert on_disk["acc"] == pytest.approx(sum(on_disk["accuracy_matrix"][-1]) / n_tasks)
         assert result["acc"] == on_disk["acc"]
@@ -264,3 +266,37 @@ def test_reproduce_runs_methods_times_seeds_and_tables_them(data_dir, tmp_path):
     # an existing output folder is refused unless --resume, which skips the finished entries
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_seeds_fellowship_cnn_sweep_is_one_table_of_every_row(data_dir, tmp_path):
+    """`cl-run -m experiment=seeds_fellowship_cnn` (shortened, fake MNIST / Fashion-MNIST / KMNIST files
+    in the real format) runs every compared method as a row and ends in one summary table."""
+    from conftest import cl_run
+
+    sweep = tmp_path / "d3"
+    proc = cl_run(
+        "-m",
+        "experiment=seeds_fellowship_cnn",
+        f"data_dir={data_dir}",
+        "threads=1",
+        *SHORT,
+        f"hydra.sweep.dir={sweep}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == [
+        "finetune",
+        "replay",
+        *(f"{m}_{k}" for m in ("ewc", "ng_replay") for k in ("diag", "kfac", "dense")),
+    ]
+    assert [r["method"] for r in rows] == ["finetune", "replay"] + ["ewc"] * 3 + ["ng_replay"] * 3
+    assert all(r["status"] == "ok" and r["benchmark"] == "mnist_fellowship" for r in rows)
+    for folder in sorted(p for p in sweep.iterdir() if p.is_dir() and "row=" in p.name):
+        m = json.loads((folder / "metrics.json").read_text())
+        assert m["task_names"] == ["mnist", "fashion_mnist", "kmnist"]
+        fisher = m["method_options"].get("fisher")
+        assert fisher == (folder.name.rsplit("_", 1)[1] if m["method"] in ("ewc", "ng_replay") else None)
+        assert (folder / "curves.csv").is_file()  # eval_every: epoch

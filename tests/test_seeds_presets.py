@@ -90,3 +90,53 @@ def test_d2_sweep_overrides_lambda_only():
     for lam in (1000, 10000, 100000):
         cfg = compose("experiment=seeds_ewc_tradeoff", "method=ewc", f"lambda={lam}")
         assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "squared_batch_grad"
+
+
+# PROTOCOLS.md D3
+D3_ROWS = ["finetune", "replay", *(f"{m}_{k}" for m in ("ewc", "ng_replay") for k in ("diag", "kfac", "dense"))]
+
+
+@pytest.mark.parametrize("row", D3_ROWS)
+def test_seeds_fellowship_cnn_follows_protocol_d3(row):
+    cfg = compose("experiment=seeds_fellowship_cnn", f"row={row}")
+    b = cfg["benchmark"]
+    assert (b["name"], b["datasets"], b["pad"], b["normalize"]) == (
+        "mnist_fellowship",
+        ["mnist", "fashion_mnist", "kmnist"],
+        0,
+        None,
+    )
+    assert cfg["scenario"] == "class" and cfg["eval_every"] == "epoch"
+    assert (cfg["model"]["name"], cfg["model"]["channels"], cfg["model"]["fc"], cfg["model"]["head_bias"]) == (
+        "cnn_d3",
+        [5, 5],
+        [20],
+        False,
+    )
+    o = cfg["optimizer"]
+    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("sgd", 0.002, 0.0, 0.0)
+    assert (cfg["batch_size"], cfg["epochs"], cfg["iterations"], cfg["reset_optimizer"]) == (256, 5, None, False)
+    m = cfg["method"]
+    method, _, kind = row.rpartition("_") if row.endswith(("diag", "kfac", "dense")) else (row, "", None)
+    assert m["name"] == method and m.get("fisher") == kind
+    if method == "ewc":  # λ (θ − θ*)ᵀ F (θ − θ*), no ½, λ = 10, the true Fisher
+        assert (cfg["lambda"], m["half"], m["fisher_labels"], m["fisher_samples"]) == (10, False, "all", None)
+    if method in ("replay", "ng_replay"):
+        assert (m["buffer_size"], m["replay_batch"]) == (1000, None)
+    if method == "ng_replay":
+        assert (m["damping"], m["recompute_every"]) == (0.01, 1)
+    options = {k: v for k, v in m.items() if k not in ("name", "lambda")}
+    built = build_method(method, cfg["lambda"], options)
+    assert built.name == method
+
+
+def test_seeds_fellowship_cnn_sweeps_every_compared_method_as_a_row():
+    cfg = compose("experiment=seeds_fellowship_cnn")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+        full = hydra.compose("config", overrides=["experiment=seeds_fellowship_cnn"], return_hydra_config=True)
+    params = OmegaConf.to_container(full.hydra.sweeper.params)
+    (override,) = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    assert override.key_or_group == "row" and list(override.sweep_string_iterator()) == D3_ROWS
+    assert cfg["method"]["name"] == "finetune"  # a single run without row= is the finetune row

@@ -365,6 +365,11 @@ class TensorBoardLogger(TrainerEvents):
         if trained >= 0:
             self.writer.add_scalar("acc/average_seen", 100.0 * sum(row[: trained + 1]) / (trained + 1), step)
 
+    def epoch_evaluated(self, t: int, epoch: int, step: int, accs: list[float], losses: list[float]) -> None:
+        for j, (a, loss) in enumerate(zip(accs, losses, strict=True)):
+            self.writer.add_scalar(f"epoch/acc_task_{j + 1}", 100.0 * a, step)
+            self.writer.add_scalar(f"epoch/loss_task_{j + 1}", loss, step)
+
     def consolidated(self, t: int, method: Any) -> None:
         importance = method.importance()
         if importance:
