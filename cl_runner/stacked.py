@@ -234,6 +234,58 @@ def _epochs(n: int, batch_size: int, generator: torch.Generator, device: torch.d
         yield from batch_indices(n, batch_size, generator, device)
 
 
+def _stacked_optimizer(
+    reqs: list[_Request], names: list[str], own: list[list[Tensor]], stacked: dict[str, Tensor]
+) -> torch.optim.Optimizer | None:
+    """One optimizer over the stacked tensors that continues the members' own optimizers (their
+    state stacked along the member dimension), or None when they differ (class, hyperparameters such
+    as a swept lr, state present in some only): then each member's optimizer steps its views."""
+    opts = [r.optimizer for r in reqs]
+    if len({type(o) for o in opts}) != 1 or any(len(o.param_groups) != 1 for o in opts):
+        return None
+    hyper = [{k: v for k, v in o.param_groups[0].items() if k != "params"} for o in opts]
+    if any(h != hyper[0] for h in hyper[1:]):
+        return None
+    opt = type(opts[0])([stacked[n] for n in names], **hyper[0])
+    states = [[o.state.get(p) for p in params] for o, params in zip(opts, own, strict=True)]
+    for i, name in enumerate(names):
+        per = [st[i] for st in states]
+        if all(x is None or not x for x in per):
+            continue
+        if any(x is None or not x for x in per) or any(x.keys() != per[0].keys() for x in per):
+            return None
+        merged = {}
+        for key, v in per[0].items():
+            if torch.is_tensor(v) and v.shape == own[0][i].shape and v.dim() > 0:
+                merged[key] = torch.stack([x[key] for x in per])
+            elif all(torch.equal(torch.as_tensor(x[key]), torch.as_tensor(v)) for x in per):  # e.g. Adam's step
+                merged[key] = v.clone() if torch.is_tensor(v) else v
+            else:
+                return None
+        opt.state[stacked[name]] = merged
+    return opt
+
+
+def _unstack_optimizer(opt: torch.optim.Optimizer, reqs: list[_Request], names: list[str], own) -> None:
+    """Write the stacked optimizer's state back into each member's own optimizer (checkpoints, the
+    next task)."""
+    for k, r in enumerate(reqs):
+        for i, t in enumerate(opt.param_groups[0]["params"]):
+            state = opt.state.get(t)
+            if not state:
+                continue
+            r.optimizer.state[own[k][i]] = {
+                key: (
+                    v[k].clone()
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape == t.shape
+                    else v.clone()
+                    if torch.is_tensor(v)
+                    else v
+                )
+                for key, v in state.items()
+            }
+
+
 def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
     """Train one task for every member of ``reqs`` (same task, same number of steps), step by step.
     Returns per member (losses, penalties) as ``Trainer._train_task`` does, or its exception."""
@@ -264,12 +316,15 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
             for name, p in zip(names, params, strict=True):
                 p.data = stacked[name].detach()[k]
         base = models[0]
+        optimizer = _stacked_optimizer(reqs, names, own, stacked)
 
         def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(base, params, (x,))
 
         batched = vmap(one)
 
+    else:
+        optimizer = None
     checked = 0
     for step in range(n_steps):
         idx = [next(b) for b in batches]
@@ -298,8 +353,12 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
                 penalty = method.add_penalty_grad(model)
                 if penalty is not None:
                     penalties[k][step] = penalty
-            reqs[k].optimizer.step()
-            method.after_step(model)
+            if optimizer is None:
+                reqs[k].optimizer.step()
+        if optimizer is not None:  # a diverged member's slice moves on unused (nothing reads it again)
+            optimizer.step()
+        for k in alive:
+            trainers[k].method.after_step(models[k])
             losses[k][step] = step_losses[k].detach()
         done = step + 1
         if done % trainers[0].progress_every == 0 or done == n_steps:
@@ -314,6 +373,8 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
             checked = done
             if not alive:
                 break
+    if optimizer is not None:
+        _unstack_optimizer(optimizer, reqs, names, own)
     for k in alive:
         responses[k] = (losses[k].tolist(), penalties[k].tolist())
     return responses
