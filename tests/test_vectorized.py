@@ -154,6 +154,17 @@ def test_max_members_and_bad_launcher_options(tmp_path):
     assert _stacked_groups(log) == 1 and "jobs #0, #1 train as one stacked group" in log
     assert "job #2 runs alone: no other job of the sweep differs from it only in stackable keys" in log
     assert len(_jobs(tmp_path / "a")) == 3
+    for bad, says in (("max_members=0", "max_members must be a positive integer"), ("forward=fast", "choose one")):
+        proc = cl_run(
+            "-m",
+            "method=l2",
+            "lambda=1,2",
+            "hydra/launcher=vectorized",
+            f"hydra.launcher.{bad}",
+            f"hydra.sweep.dir={tmp_path / bad.split('=')[0]}",
+        )
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / bad.split("=")[0]).exists()
 
 
 def test_group_key_ignores_only_stackable_keys(compose_cfg):

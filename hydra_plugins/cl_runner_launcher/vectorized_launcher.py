@@ -16,6 +16,7 @@ in stackable keys train together as one stacked model in this process (``cl_runn
 # no `from __future__ import annotations`: Hydra executes this module before it is in sys.modules,
 # and dataclasses then cannot resolve string annotations
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,16 @@ def why_not_stacked(task_cfg: DictConfig) -> str | None:
 class VectorizedLauncher(Launcher):
     def __init__(self, max_members: int = 16, forward: str = "auto") -> None:
         super().__init__()
-        if isinstance(max_members, bool) or not isinstance(max_members, int) or max_members < 1:
-            raise ValueError(f"hydra.launcher.max_members must be a positive integer, got {max_members!r}")
         from cl_runner.stacked import FORWARDS
 
-        if forward not in FORWARDS:
-            raise ValueError(f"hydra.launcher.forward={forward!r} is not valid; choose one of: {', '.join(FORWARDS)}")
+        bad = None
+        if isinstance(max_members, bool) or not isinstance(max_members, int) or max_members < 1:
+            bad = f"hydra.launcher.max_members must be a positive integer, got {max_members!r}"
+        elif forward not in FORWARDS:
+            bad = f"hydra.launcher.forward={forward!r} is not valid; choose one of: {', '.join(FORWARDS)}"
+        if bad:  # one line and exit 2, before any job runs (Hydra would wrap an exception in its own text)
+            print(f"error: {bad}", file=sys.stderr)
+            raise SystemExit(2)
         self.max_members, self.forward = max_members, forward
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
