@@ -17,12 +17,15 @@ are at the same task together, step by step:
   or ``vmap``: the parameters are stacked into tensors with a leading member dimension and the
   forward pass is ``torch.func.vmap`` over ``functional_call`` (one batched matmul per layer; the
   member models' parameters become views of the stacked tensors, their ``.grad`` views of the
-  stacked gradient, so the methods' hooks and the optimizer act on them unchanged). Batched matmuls
+  stacked gradient, so the methods' hooks and the optimizer act on them unchanged; members that
+  share a stream and a head take one gather and one cross-entropy call). Batched matmuls
   sum in another order than single ones: gradients differ in the last bits (≈1e-8 measured on
   CPU), which training can amplify; ``auto`` = ``vmap`` on a GPU, ``loop`` on the CPU;
-- each member's own optimizer steps its parameters (Adam and SGD are elementwise: stepping the
-  views is stepping one optimizer over the stacked tensors, with no coupling between members;
-  per-member learning rates work unchanged);
+- optimizer: with ``vmap``, one optimizer of the members' class over the stacked tensors, its state
+  the members' states stacked (written back into each member's optimizer after the task, for
+  checkpoints); Adam and SGD are elementwise, so this is one optimizer per member with no coupling.
+  When the members' hyperparameters differ (a swept ``optimizer.lr``), and with ``loop``, each
+  member's own optimizer steps its own parameters;
 - the methods' hooks run per member (``after_backward``, ``add_penalty_grad``, ``after_step``),
   exactly as ``Trainer._train_task`` calls them (keep the two in step when the hooks change);
 - a member whose loss or penalty turns non-finite gets its :class:`~cl_runner.trainer.Diverged`
@@ -289,6 +292,7 @@ def _unstack_optimizer(opt: torch.optim.Optimizer, reqs: list[_Request], names: 
 def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
     """Train one task for every member of ``reqs`` (same task, same number of steps), step by step.
     Returns per member (losses, penalties) as ``Trainer._train_task`` does, or its exception."""
+    import torch.nn.functional as F
     from torch.func import functional_call, vmap
 
     from cl_runner.trainer import Diverged, task_loss
@@ -323,6 +327,8 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
 
         batched = vmap(one)
 
+        shared = all(r.data.x is reqs[0].data.x and r.data.y is reqs[0].data.y for r in reqs)
+        one_head = all(r.data.sample_units is None and r.data.units == reqs[0].data.units for r in reqs)
     else:
         optimizer = None
     checked = 0
@@ -333,8 +339,20 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
         if forward == "vmap":
             for t in stacked.values():
                 t.grad = None
-            logits = batched(stacked, torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)]))
-            step_losses = {k: task_loss(logits[k], data[k].y[idx[k]], data[k].units, units[k]) for k in alive}
+            if shared:  # one stream for all (a λ sweep): one gather
+                rows = torch.stack(idx)
+                x, y = data[0].x[rows], data[0].y[rows]
+            else:
+                x = torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)])
+                y = torch.stack([d.y[i] for d, i in zip(data, idx, strict=True)])
+            logits = batched(stacked, x)
+            if one_head:  # every member's cross-entropy in one call: mean over each member's batch
+                lo, hi = data[0].units
+                per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
+                per = per.view(n, -1).mean(1)
+                step_losses = {k: per[k] for k in alive}
+            else:
+                step_losses = {k: task_loss(logits[k], y[k], data[k].units, units[k]) for k in alive}
             sum(step_losses.values()).backward()
             for k in alive:
                 for name, p in zip(names, own[k], strict=True):
