@@ -239,3 +239,39 @@ def test_launcher_ships_in_the_wheel(installed_site):
     assert (installed_site / "hydra_plugins" / "cl_runner_launcher" / "vectorized_launcher.py").is_file()
     assert (installed_site / "cl_runner" / "configs" / "hydra" / "launcher" / "vectorized.yaml").is_file()
     assert (installed_site / "cl_runner" / "stacked.py").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, one_thread, monkeypatch):
+    """Ctrl-C while a group trains task 2: every member saves its finished task as `interrupted`
+    with its checkpoint; running the group again resumes all of them (together) and ends with the
+    matrices of uninterrupted separate runs."""
+    from cl_runner import app, stacked
+
+    cfgs = [compose_cfg(*SHORT, "method=ewc", f"lambda={v}") for v in (1, 1000)]
+    ref = [app.run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
+    jobs = [lambda c=c, i=i: app.run_experiment(c, tmp_path / f"vec{i}") for i, c in enumerate(cfgs)]
+    real = stacked._train_together
+
+    def ctrl_c_at_task_2(reqs, forward):
+        if reqs[0].t == 1:
+            raise KeyboardInterrupt
+        return real(reqs, forward)
+
+    monkeypatch.setattr(stacked, "_train_together", ctrl_c_at_task_2)
+    group = stacked.Group("loop")
+    members = group.run(jobs)
+    assert group.interrupted
+    for i, m in enumerate(members):
+        assert isinstance(m.error, app.RunStopped) and m.error.status == "interrupted"
+        saved = json.loads((tmp_path / f"vec{i}" / "metrics.json").read_text())
+        assert saved["status"] == "interrupted" and saved["tasks_done"] == 1
+        assert saved["accuracy_matrix"] == ref[i][:1]
+        assert (tmp_path / f"vec{i}" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(stacked, "_train_together", real)
+    group = stacked.Group("loop")
+    members = group.run(jobs)
+    assert group.trained_together == 2  # tasks 2 and 3, both members at once
+    for i, m in enumerate(members):
+        assert m.error is None, m.error
+        assert m.result["status"] == "ok" and m.result["accuracy_matrix"] == ref[i]
