@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cl_runner.build import options, partial, unknown_options
 from cl_runner.data.stream import TaskStream, batch_indices
-from cl_runner.methods.base import Method, TrainingData
+from cl_runner.methods.base import Batch, Method, TrainingData
 
 
 def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torch.optim.Optimizer]:
@@ -227,16 +227,21 @@ class Trainer:
         while step < n_steps:
             for idx in batch_indices(len(data), self.batch_size, self.generator, device):
                 su = None if data.sample_units is None else data.sample_units[idx]
+                batch = method.training_batch(Batch(data.x[idx], data.y[idx], data.units, su, t))
                 optimizer.zero_grad(set_to_none=True)
-                loss = task_loss(model(data.x[idx]), data.y[idx], data.units, su)
+                logits = model(batch.x)
+                loss = task_loss(logits, batch.y, batch.units, batch.sample_units)
+                extra = method.loss(batch, logits)
+                if extra is not None:
+                    loss = loss + extra
                 loss.backward()
-                method.after_backward(model)
+                method.after_backward(model, batch)
                 if strength:
                     penalty = method.add_penalty_grad(model)
                     if penalty is not None:
                         penalties[step] = penalty
                 optimizer.step()
-                method.after_step(model)
+                method.after_step(model, batch)
                 losses[step] = loss.detach()
                 step += 1
                 if step % self.progress_every == 0 or step == n_steps:

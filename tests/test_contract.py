@@ -109,8 +109,14 @@ class _Swapper:
 
         return Method.training_data(self, stream, t)
 
-    def after_backward(self, model): ...
-    def after_step(self, model): ...
+    def training_batch(self, batch):
+        return batch
+
+    def loss(self, batch, logits):
+        return None
+
+    def after_backward(self, model, batch=None): ...
+    def after_step(self, model, batch=None): ...
     def importance(self):
         return {}
 

@@ -1,17 +1,29 @@
-"""The method interface: what a continual-learning method may do to the training of a task stream.
+"""The method interface (contract v2): what a continual-learning method may do to the training of a
+task stream.
 
 The trainer calls, once, ``method.setup(model, stream, seed)``, then for every task t::
 
     method.before_task(model, task)
     data = method.training_data(stream, t)          # what to train on (joint: the union of tasks)
     for every step:
-        loss = cross_entropy(model(x)[:, lo:hi], y - lo)
-        loss.backward()
-        method.after_backward(model)                # .grad holds the task-loss gradient only
+        batch = Batch(x, y, units, sample_units, task=t)   # indexed from ``data``
+        batch = method.training_batch(batch)        # may return a larger batch (replay: + memory)
+        logits = model(batch.x)
+        loss = cross_entropy over the active units of each sample (batch.units / batch.sample_units)
+        extra = method.loss(batch, logits)          # an extra loss term, or None (distillation)
+        (loss + extra).backward()
+        method.after_backward(model, batch)         # .grad holds ∇(loss + extra) only, no penalty;
+                                                    # a method may rewrite it (natural gradient)
         method.add_penalty_grad(model)              # .grad += ∇(λ·penalty); returns λ·penalty
         optimizer.step()
-        method.after_step(model)                    # e.g. SI's path integral
+        method.after_step(model, batch)             # e.g. SI's path integral, a memory update
     method.after_task(model, task)                  # importance, anchors
+
+Who may change what: ``training_batch`` returns a new :class:`Batch` and must not modify the tensors
+of the one it was given (they are views of the task's data); ``loss`` and ``after_step`` read the
+batch; only ``after_backward`` and ``add_penalty_grad`` write ``.grad``; no hook but the optimizer
+writes the parameters. ``batch`` is optional in ``after_backward``/``after_step`` so that a method
+can be driven by hand (tests); methods that need it say so.
 
 ``strength`` is the run's λ (top-level ``lambda``). A method's importance pass must run in eval
 mode and leave parameters (the same objects), buffers, training mode, gradients and the global RNG
@@ -43,6 +55,22 @@ class TrainingData:
     y: Tensor
     units: tuple[int, int]
     sample_units: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class Batch:
+    """One training step's samples. ``units``: the active output range shared by all samples;
+    ``sample_units`` (n, 2), when given, one range per sample (overrides ``units``); ``task``: the
+    index of the task being trained."""
+
+    x: Tensor
+    y: Tensor
+    units: tuple[int, int]
+    sample_units: Tensor | None = None
+    task: int = 0
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -98,10 +126,18 @@ class Method:
         penalty.backward()
         return penalty.detach()
 
-    def after_backward(self, model: nn.Module) -> None:
+    def training_batch(self, batch: Batch) -> Batch:
+        """What to train on this step: the drawn batch, or a new one built from it."""
+        return batch
+
+    def loss(self, batch: Batch, logits: Tensor) -> Tensor | None:
+        """An extra loss term (without λ) given the batch and the model's logits on it, or None."""
+        return None
+
+    def after_backward(self, model: nn.Module, batch: Batch | None = None) -> None:
         pass
 
-    def after_step(self, model: nn.Module) -> None:
+    def after_step(self, model: nn.Module, batch: Batch | None = None) -> None:
         pass
 
     def after_task(self, model: nn.Module, task: Task) -> None:

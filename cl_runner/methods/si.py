@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
-from cl_runner.methods.base import named_params
+from cl_runner.methods.base import Batch, named_params
 from cl_runner.methods.regularizer import QuadraticPenalty, check_choice, check_range, snapshot
 
 GRADS = ("task", "total")
@@ -50,7 +50,7 @@ class SI(QuadraticPenalty):
         self._task_grad = {}
 
     @torch.no_grad()
-    def after_backward(self, model: nn.Module) -> None:
+    def after_backward(self, model: nn.Module, batch: Batch | None = None) -> None:
         if self.grad == "task":  # .grad holds the task-loss gradient only at this point
             grads = {n: p.grad for n, p in named_params(model).items() if p.grad is not None}
             if self._task_grad.keys() != grads.keys():
@@ -58,7 +58,7 @@ class SI(QuadraticPenalty):
             torch._foreach_copy_(list(self._task_grad.values()), list(grads.values()))
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module) -> None:
+    def after_step(self, model: nn.Module, batch: Batch | None = None) -> None:
         # multi-tensor (foreach) kernels: this runs every step
         params = named_params(model)
         grads = self._task_grad if self.grad == "task" else {n: p.grad for n, p in params.items() if p.grad is not None}
