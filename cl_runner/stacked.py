@@ -26,8 +26,9 @@ are at the same task together, step by step:
   checkpoints); Adam and SGD are elementwise, so this is one optimizer per member with no coupling.
   When the members' hyperparameters differ (a swept ``optimizer.lr``), and with ``loop``, each
   member's own optimizer steps its own parameters;
-- the methods' hooks run per member (``after_backward``, ``add_penalty_grad``, ``after_step``),
-  exactly as ``Trainer._train_task`` calls them (keep the two in step when the hooks change);
+- the methods' hooks run per member (``training_batch``, ``loss``, ``after_backward``,
+  ``add_penalty_grad``, ``after_step``, each with the member's own batch), exactly as
+  ``Trainer._train_task`` calls them (keep the two in step when the hooks change);
 - a member whose loss or penalty turns non-finite gets its :class:`~cl_runner.trainer.Diverged`
   (at the same step as a separate run would) and leaves the group; the others go on.
 
@@ -295,6 +296,7 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
     import torch.nn.functional as F
     from torch.func import functional_call, vmap
 
+    from cl_runner.methods.base import Batch
     from cl_runner.trainer import Diverged, task_loss
 
     n, n_steps, device = len(reqs), reqs[0].n_steps, reqs[0].device
@@ -345,28 +347,46 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
             else:
                 x = torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)])
                 y = torch.stack([d.y[i] for d, i in zip(data, idx, strict=True)])
+            given = {k: Batch(x[k], y[k], data[k].units, units[k], reqs[k].t) for k in alive}
+            batch = {k: trainers[k].method.training_batch(b) for k, b in given.items()}
+            if any(batch[k] is not given[k] for k in alive):  # a method changed its batch: stack what it gave
+                x = torch.stack([batch[k].x if k in batch else x[k] for k in range(n)])
+                y = torch.stack([batch[k].y if k in batch else y[k] for k in range(n)])
             logits = batched(stacked, x)
-            if one_head:  # every member's cross-entropy in one call: mean over each member's batch
+            plain = one_head and all(batch[k] is given[k] for k in alive)
+            if plain:  # every member's cross-entropy in one call: mean over each member's batch
                 lo, hi = data[0].units
                 per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
                 per = per.view(n, -1).mean(1)
                 step_losses = {k: per[k] for k in alive}
             else:
-                step_losses = {k: task_loss(logits[k], y[k], data[k].units, units[k]) for k in alive}
+                step_losses = {
+                    k: task_loss(logits[k], batch[k].y, batch[k].units, batch[k].sample_units) for k in alive
+                }
+            for k in alive:
+                extra = trainers[k].method.loss(batch[k], logits[k])
+                if extra is not None:
+                    step_losses[k] = step_losses[k] + extra
             sum(step_losses.values()).backward()
             for k in alive:
                 for name, p in zip(names, own[k], strict=True):
                     p.grad = stacked[name].grad[k]
-        else:
-            step_losses = {}
+        else:  # Trainer._train_task's step, member after member
+            step_losses, batch = {}, {}
             for k in alive:
+                method, d, i = trainers[k].method, data[k], idx[k]
+                batch[k] = method.training_batch(Batch(d.x[i], d.y[i], d.units, units[k], reqs[k].t))
                 reqs[k].optimizer.zero_grad(set_to_none=True)
-                loss = task_loss(models[k](data[k].x[idx[k]]), data[k].y[idx[k]], data[k].units, units[k])
+                logits = models[k](batch[k].x)
+                loss = task_loss(logits, batch[k].y, batch[k].units, batch[k].sample_units)
+                extra = method.loss(batch[k], logits)
+                if extra is not None:
+                    loss = loss + extra
                 loss.backward()
                 step_losses[k] = loss
         for k in alive:  # the rest of Trainer._train_task's step, per member
             method, model = trainers[k].method, models[k]
-            method.after_backward(model)
+            method.after_backward(model, batch[k])
             if method.strength:
                 penalty = method.add_penalty_grad(model)
                 if penalty is not None:
@@ -376,7 +396,7 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
         if optimizer is not None:  # a diverged member's slice moves on unused (nothing reads it again)
             optimizer.step()
         for k in alive:
-            trainers[k].method.after_step(models[k])
+            trainers[k].method.after_step(models[k], batch[k])
             losses[k][step] = step_losses[k].detach()
         done = step + 1
         if done % trainers[0].progress_every == 0 or done == n_steps:
