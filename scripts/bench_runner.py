@@ -7,12 +7,19 @@ otherwise). Runs alternate and the median of ``--repeats`` is reported, as a rat
 
     python scripts/bench_runner.py --data-dir ../shared/data            # CPU or GPU (auto)
     python scripts/bench_runner.py --device cpu --steps 300 --repeats 3  # quick
+
+It also times one whole ``cl-run`` process (Python start-up, imports, data, training, Fisher,
+evaluation, files) on the issue-13 workload: permuted MNIST, 3 tasks, MLP 784-400-400, SGD 0.01
+momentum 0.9, batch 128, 1 epoch per task, EWC λ = 100 with the empirical Fisher, 2 threads
+(``--whole-repeats 0`` skips it; target ≤ 12 s on a quiet 2-core CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +112,39 @@ def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, f
     return train_s, eval_s, checkpoint_s
 
 
+#: the fixed-cost workload of issue 13 (one whole cl-run process)
+WHOLE = [
+    "benchmark=permuted_mnist",
+    "benchmark.n_tasks=3",
+    "model=mlp",
+    "optimizer=sgd",
+    "optimizer.lr=0.01",
+    "optimizer.momentum=0.9",
+    "batch_size=128",
+    "epochs=1",
+    "method=ewc",
+    "lambda=100",
+    "method.fisher_labels=true",
+    "threads=2",
+]
+
+
+def whole_process(data_dir: str, device: str) -> tuple[float, float]:
+    """Wall time of one ``cl-run`` process on the WHOLE workload, and the run's own wall time."""
+    import json
+
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, "-c", "from cl_runner.app import main; main()", *WHOLE]
+        cmd += [f"data_dir={data_dir}", "download=false", f"device={device}", f"hydra.run.dir={folder}/run"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"cl-run failed: {proc.stderr[-2000:]}")
+        inside = json.loads((Path(folder) / "run" / "metrics.json").read_text())["wall_time_s"]
+    return wall, inside
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data")
@@ -114,6 +154,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[400, 400])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=2, help="tasks in the stream (evaluation covers all)")
+    ap.add_argument("--whole-repeats", type=int, default=1, help="whole cl-run processes to time (0: none)")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
@@ -150,6 +191,14 @@ def main() -> None:
         f"{(r + c) / p:.3f}  (target <= 1.10)"
     )
     print(f"evaluation of {n_test} test images on {len(stream)} tasks: {e:.3f}s")
+    if args.whole_repeats > 0 and (Path(args.data_dir) / "MNIST" / "raw").exists():
+        times = [whole_process(args.data_dir, str(device)) for _ in range(args.whole_repeats)]
+        wall, inside = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        print(
+            f"whole cl-run process (issue 13 workload, median of {args.whole_repeats}): {wall:.1f}s, "
+            f"{inside:.1f}s inside the run  (target <= 12 s)"
+        )
+        print("  cl-run " + " ".join(WHOLE) + f" data_dir={args.data_dir} download=false")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ def pad(x: Tensor, to: int) -> Tensor:
 
 
 def permute_pixels(x: Tensor, perm: Tensor) -> Tensor:
-    """Apply one fixed permutation to the flattened pixels (all channels alike)."""
+    """Apply one fixed permutation to the flattened pixels (all channels alike), as one gather
+    (faster on the CPU than advanced indexing along the last dimension; the same values)."""
     n, c, h, w = x.shape
-    return x.reshape(n, c, h * w)[:, :, perm.to(x.device)].reshape(n, c, h, w)
+    index = perm.to(x.device).expand(n, c, h * w)
+    return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
 
 
 def pixel_permutation(n_pixels: int, generator: torch.Generator) -> Tensor:

@@ -22,12 +22,16 @@ folder and extracts them without going online when their checksums match.
 Missing files (or a download that fails, e.g. offline) raise :class:`DatasetUnavailable` with a
 one-line message naming the dataset, the folder and the expected files.
 
-torchvision is imported inside the loaders: importing it costs seconds, and runs on the
-offline ``digits`` benchmark never need it.
+torchvision is imported inside the loaders, and only when needed: importing it costs seconds (it
+pulls in ``torch._dynamo``). When the four decompressed IDX files of an MNIST-family dataset are all
+in place, :func:`_read_idx` reads them directly (the same bytes, so the same tensors as torchvision's
+``.data``/``.targets``); anything else (download, ``.gz`` archives, CIFAR, a file that does not parse)
+goes through torchvision and its error messages.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -104,8 +108,42 @@ def _images(data: Any) -> torch.Tensor:
     return x.to(torch.float32).div_(255.0).contiguous()
 
 
+def _read_idx(path: str) -> torch.Tensor | None:
+    """An uncompressed IDX file of unsigned bytes (the MNIST family's format: a big-endian header of
+    magic 0x0000 08 <ndim>, then ndim int32 sizes) as a uint8 tensor; None if it is not exactly that."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        return None
+    ndim = raw[3]
+    head = 4 + 4 * ndim
+    if ndim < 1 or len(raw) < head:
+        return None
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != head + math.prod(shape):
+        return None
+    return torch.frombuffer(bytearray(raw[head:]), dtype=torch.uint8).reshape(shape)
+
+
+def _load_idx(name: str, data_dir: str) -> list[torch.Tensor] | None:
+    """The MNIST family's four decompressed files read without torchvision, or None (use torchvision)."""
+    if SPECS[name][2] != MNIST_FILES:
+        return None
+    folder = os.path.join(os.path.expanduser(str(data_dir)), SPECS[name][1])
+    arrays = [_read_idx(os.path.join(folder, f)) for f in MNIST_FILES]
+    if any(a is None for a in arrays) or arrays[0].dim() != 3 or arrays[1].dim() != 1:
+        return None
+    return [_images(arrays[0]), arrays[1].long(), _images(arrays[2]), arrays[3].long()]
+
+
 def _load(name: str, data_dir: str, download: bool, seed: int) -> RawDataset:
     del seed  # the official train/test split is used; the seed plays no part in loading
+    fast = _load_idx(name, data_dir)
+    if fast is not None:
+        return RawDataset(name, *fast, n_classes=SPECS[name][3])
     splits = []
     for train in (True, False):
         ds = _open(name, data_dir, download, train)

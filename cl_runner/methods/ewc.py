@@ -64,6 +64,7 @@ from cl_runner.methods.regularizer import (
 
 class EWC(QuadraticPenalty):
     name = "ewc"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
     def __init__(
         self,

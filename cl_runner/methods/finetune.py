@@ -7,3 +7,4 @@ class Finetune(Method):
     """Plain sequential training. Has no strength: a non-zero ``lambda`` is refused."""
 
     name = "finetune"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)

@@ -24,6 +24,7 @@ MODES = ("cumulative", "all")
 
 class Joint(Method):
     name = "joint"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
     uses_strength = False
 
     def __init__(self, strength: float, mode: str):

@@ -16,6 +16,7 @@ from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
 
 class L2(QuadraticPenalty):
     name = "l2"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
     def __init__(self, strength: float):
         super().__init__(strength, half=False)

@@ -33,6 +33,7 @@ from cl_runner.methods.regularizer import QuadraticPenalty, check_bool, check_co
 
 class MAS(QuadraticPenalty):
     name = "mas"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
     def __init__(
         self,

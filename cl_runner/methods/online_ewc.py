@@ -31,6 +31,7 @@ from cl_runner.methods.regularizer import check_bool, check_range, snapshot
 
 class OnlineEWC(EWC):
     name = "online_ewc"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ GRADS = ("task", "total")
 
 class SI(QuadraticPenalty):
     name = "si"
+    stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
     def __init__(self, strength: float, xi: float, grad: str):
         super().__init__(strength, half=False)
