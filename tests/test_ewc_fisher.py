@@ -14,7 +14,7 @@ from torch import nn
 
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.data.stream import Task
-from cl_runner.loggers import TensorBoardLogger
+from cl_runner.report.tb import TensorBoardLogger
 from cl_runner.methods import build_method, curvature
 from cl_runner.methods.base import named_params
 from cl_runner.methods.per_sample import task_generator
