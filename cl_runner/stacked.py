@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cl_runner.report.terminal import ConsoleLogger, Fanout
 from cl_runner.trainer import Trainer as _Trainer  # the real one (the group patches the module's name)
 
 FORWARDS = ("auto", "loop", "vmap")
@@ -418,40 +419,23 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
     return responses
 
 
-class _Quiet:
+class _Quiet(Fanout):
     """A member's trainer events without the console's progress bars (several members would draw
     several live bars at once); the group prints one line per task instead."""
 
     def __init__(self, events: Any):
-        from cl_runner.report.terminal import ConsoleLogger, Fanout
-
         targets = events.targets if isinstance(events, Fanout) else (events,)
-        self.targets = targets
-        self.loud = [x for x in targets if not isinstance(x, ConsoleLogger)]
+        super().__init__(*targets)
+        self.loud = Fanout(*[x for x in targets if not isinstance(x, ConsoleLogger)])
 
     def task_start(self, *args) -> None:
-        for x in self.loud:
-            x.task_start(*args)
+        self.loud.task_start(*args)
 
     def progress(self, *args) -> None:
-        for x in self.loud:
-            x.progress(*args)
+        self.loud.progress(*args)
 
     def task_end(self, *args) -> None:
-        for x in self.loud:
-            x.task_end(*args)
-
-    def evaluated(self, *args) -> None:
-        for x in self.targets:
-            x.evaluated(*args)
-
-    def consolidated(self, *args) -> None:
-        for x in self.targets:
-            x.consolidated(*args)
-
-    def epoch_evaluated(self, *args) -> None:
-        for x in self.targets:
-            x.epoch_evaluated(*args)
+        self.loud.task_end(*args)
 
 
 def member_trainer_class(group: Group) -> type:

@@ -78,6 +78,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def step_timer(trainer, data, opt, device, steps, warmup):
+    """A function that runs ``warmup`` steps of the trainer's own loop, then returns ms per step of ``steps``."""
+
+    def run_once() -> float:
+        trainer._train_task(data, opt, warmup, device, 0)
+        sync(device)
+        t0 = time.perf_counter()
+        trainer._train_task(data, opt, steps, device, 0)
+        sync(device)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    return run_once
+
+
 def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
     """A function that times ``steps`` training steps (after ``warmup``) of ``name`` with its
     penalty holding ``n_tasks`` consolidated tasks; returns ms/step."""
@@ -100,15 +114,7 @@ def make_stepper(name, options, n_tasks, x, y, device, steps, warmup):
     trainer = Trainer(model, method, None, lambda m: opt, batch_size=128, iterations=steps, seed=1)
     data = method.training_data(TaskStream("bench", "domain", [task], 10, (1, 32, 32)), 0)
 
-    def run_once() -> float:
-        trainer._train_task(data, opt, warmup, device, 0)
-        sync(device)
-        t0 = time.perf_counter()
-        trainer._train_task(data, opt, steps, device, 0)
-        sync(device)
-        return (time.perf_counter() - t0) / steps * 1e3
-
-    return run_once
+    return step_timer(trainer, data, opt, device, steps, warmup)
 
 
 def main(argv=None) -> None:
@@ -241,15 +247,7 @@ def make_d3_stepper(name, options, n_tasks, x, y, device, steps, warmup):
     trainer = Trainer(model, method, None, lambda m: opt, batch_size=256, iterations=steps, seed=1)
     data = method.training_data(TaskStream("bench", "class", [task], 30, (1, 28, 28)), 0)
 
-    def run_once() -> float:
-        trainer._train_task(data, opt, warmup, device, 0)
-        sync(device)
-        t0 = time.perf_counter()
-        trainer._train_task(data, opt, steps, device, 0)
-        sync(device)
-        return (time.perf_counter() - t0) / steps * 1e3
-
-    return run_once
+    return step_timer(trainer, data, opt, device, steps, warmup)
 
 
 def _timed(fn, device) -> float:
