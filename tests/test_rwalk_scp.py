@@ -241,25 +241,32 @@ def test_bad_options_name_the_key(name, options, message):
 # ---- on a real stream (slow) ------------------------------------------------------------------------
 
 
+def _mean_bwt(root, *overrides) -> float:
+    """Mean BWT of the default run over seeds 0–2 with ``overrides``."""
+    from cl_runner.app import run_experiment
+
+    values = []
+    for seed in (0, 1, 2):
+        with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+            cfg = hydra.compose("config", overrides=["device=cpu", *overrides, f"seed={seed}"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            r = run_experiment(cfg, root.mktemp("run"))
+        assert r["status"] == "ok"
+        values.append(r["bwt"])
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def finetune_bwt(tmp_path_factory, one_thread):
+    return _mean_bwt(tmp_path_factory, "method=finetune")  # once for both methods
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", ["rwalk", "scp"])
-def test_beats_finetune_bwt_on_permuted_digits(method, tmp_path_factory):
+def test_beats_finetune_bwt_on_permuted_digits(method, tmp_path_factory, finetune_bwt):
     """The default run (permuted digits, domain-IL, defaults), mean BWT over seeds 0–2."""
-    from cl_runner.app import run_experiment
-
-    def bwt(*overrides):
-        values = []
-        for seed in (0, 1, 2):
-            with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
-                cfg = hydra.compose("config", overrides=["device=cpu", *overrides, f"seed={seed}"])
-            with contextlib.redirect_stdout(io.StringIO()):
-                r = run_experiment(cfg, tmp_path_factory.mktemp("run"))
-            assert r["status"] == "ok"
-            values.append(r["bwt"])
-        return sum(values) / len(values)
-
-    base, ours = bwt("method=finetune"), bwt(f"method={method}")
+    base, ours = finetune_bwt, _mean_bwt(tmp_path_factory, f"method={method}")
     assert base < -0.15
     assert ours > base + 0.05, (method, ours, base)
 
