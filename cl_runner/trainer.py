@@ -50,28 +50,24 @@ def task_loss(logits: Tensor, y: Tensor, units: tuple[int, int], sample_units: T
     return F.cross_entropy(logits.masked_fill(~active, float("-inf")), y)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, stream: TaskStream, trained: int, batch_size: int = 1024) -> list[float]:
     """Test accuracy on every task after training task ``trained`` (-1: the initial model)."""
-    was_training = model.training
-    model.eval()
-    accs = []
-    for j, task in enumerate(stream):
-        lo, hi = stream.eval_units(trained, j)
-        correct = torch.zeros((), device=task.y_test.device, dtype=torch.long)
-        for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size), strict=True):
-            correct += (model(xb)[:, lo:hi].argmax(1) + lo == yb).sum()
-        accs.append(correct.float() / max(len(task.y_test), 1))
-    model.train(was_training)
-    return torch.stack(accs).tolist()  # one host sync per row
+    return _evaluate(model, stream, trained, batch_size, with_loss=False)[0]
 
 
-@torch.no_grad()
 def evaluate_with_loss(
     model: nn.Module, stream: TaskStream, trained: int, batch_size: int = 1024
 ) -> tuple[list[float], list[float]]:
     """Test accuracy and mean test cross-entropy (over the units :func:`evaluate` uses) on every task
     after ``trained`` (for the curves over epochs, ``eval_every: epoch``)."""
+    return _evaluate(model, stream, trained, batch_size, with_loss=True)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, stream: TaskStream, trained: int, batch_size: int, with_loss: bool
+) -> tuple[list[float], list[float] | None]:
+    """One pass over every task's test set; the loss only when asked (the accuracy matrix needs none)."""
     was_training = model.training
     model.eval()
     accs, losses = [], []
@@ -82,12 +78,14 @@ def evaluate_with_loss(
         for xb, yb in zip(task.x_test.split(batch_size), task.y_test.split(batch_size), strict=True):
             logits = model(xb)[:, lo:hi]
             correct += (logits.argmax(1) + lo == yb).sum()
-            total += F.cross_entropy(logits, yb - lo, reduction="sum")
+            if with_loss:
+                total += F.cross_entropy(logits, yb - lo, reduction="sum")
         n = max(len(task.y_test), 1)
         accs.append(correct.float() / n)
         losses.append(total / n)
     model.train(was_training)
-    return torch.stack(accs).tolist(), torch.stack(losses).tolist()
+    # one host sync per row
+    return torch.stack(accs).tolist(), torch.stack(losses).tolist() if with_loss else None
 
 
 EVAL_EVERY = ("task", "epoch")
