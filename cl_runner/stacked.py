@@ -375,23 +375,11 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
         else:  # Trainer._train_task's step, member after member
             step_losses, batch = {}, {}
             for k in alive:
-                method, d, i = trainers[k].method, data[k], idx[k]
-                batch[k] = method.training_batch(Batch(d.x[i], d.y[i], d.units, units[k], reqs[k].t))
-                reqs[k].optimizer.zero_grad(set_to_none=True)
-                logits = models[k](batch[k].x)
-                loss = task_loss(logits, batch[k].y, batch[k].units, batch[k].sample_units)
-                extra = method.loss(batch[k], logits)
-                if extra is not None:
-                    loss = loss + extra
-                loss.backward()
-                step_losses[k] = loss
+                batch[k], step_losses[k] = trainers[k]._forward_backward(data[k], idx[k], reqs[k].t, reqs[k].optimizer)
         for k in alive:  # the rest of Trainer._train_task's step, per member
-            method, model = trainers[k].method, models[k]
-            method.after_backward(model, batch[k])
-            if method.strength:
-                penalty = method.add_penalty_grad(model)
-                if penalty is not None:
-                    penalties[k][step] = penalty
+            penalty = trainers[k]._gradient_hooks(batch[k])
+            if penalty is not None:
+                penalties[k][step] = penalty
             if optimizer is None:
                 reqs[k].optimizer.step()
         if optimizer is not None:  # a diverged member's slice moves on unused (nothing reads it again)

@@ -253,25 +253,14 @@ class Trainer:
         model, method = self.model, self.method
         losses = torch.zeros(n_steps, device=device)
         penalties = torch.zeros(n_steps, device=device)
-        strength = method.strength
         model.train()
         step, checked, epoch = 0, 0, 0
         while step < n_steps:
             for idx in batch_indices(len(data), self.batch_size, self.generator, device):
-                su = None if data.sample_units is None else data.sample_units[idx]
-                batch = method.training_batch(Batch(data.x[idx], data.y[idx], data.units, su, t))
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(batch.x)
-                loss = task_loss(logits, batch.y, batch.units, batch.sample_units)
-                extra = method.loss(batch, logits)
-                if extra is not None:
-                    loss = loss + extra
-                loss.backward()
-                method.after_backward(model, batch)
-                if strength:
-                    penalty = method.add_penalty_grad(model)
-                    if penalty is not None:
-                        penalties[step] = penalty
+                batch, loss = self._forward_backward(data, idx, t, optimizer)
+                penalty = self._gradient_hooks(batch)
+                if penalty is not None:
+                    penalties[step] = penalty
                 optimizer.step()
                 method.after_step(model, batch)
                 losses[step] = loss.detach()
@@ -288,6 +277,28 @@ class Trainer:
                 accs, test_losses = evaluate_with_loss(model, self.stream, t, self.eval_batch_size)
                 self.events.epoch_evaluated(t, epoch, self.steps + step, accs, test_losses)
         return losses.tolist(), penalties.tolist()
+
+    def _forward_backward(
+        self, data: TrainingData, idx: Tensor, t: int, optimizer: torch.optim.Optimizer
+    ) -> tuple[Batch, Tensor]:
+        """A step up to ``.backward()``: the method's batch, the task loss (+ the method's term)."""
+        method = self.method
+        su = None if data.sample_units is None else data.sample_units[idx]
+        batch = method.training_batch(Batch(data.x[idx], data.y[idx], data.units, su, t))
+        optimizer.zero_grad(set_to_none=True)
+        logits = self.model(batch.x)
+        loss = task_loss(logits, batch.y, batch.units, batch.sample_units)
+        extra = method.loss(batch, logits)
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        return batch, loss
+
+    def _gradient_hooks(self, batch: Batch) -> Tensor | None:
+        """After ``.backward()``, before the optimizer step: the method's gradient hook, then λ·penalty's
+        gradient; returns λ·penalty (None without one)."""
+        self.method.after_backward(self.model, batch)
+        return self.method.add_penalty_grad(self.model) if self.method.strength else None
 
     def _check_finite(self, losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:
         finite = torch.isfinite(torch.stack([losses[lo:hi], penalties[lo:hi]]))
