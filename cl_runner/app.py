@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from cl_runner import schema
 from cl_runner.data.datasets import DatasetUnavailable
-from cl_runner.data.stream import SCENARIOS
+from cl_runner.data.stream import SCENARIOS, check_active_units
 from cl_runner.runfiles import (
     CHECKPOINT,
     CONFIG,
@@ -71,6 +71,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if cfg.scenario not in SCENARIOS:
         raise ValueError(f"scenario={cfg.scenario!r} is unknown; choose one of: {', '.join(SCENARIOS)}")
+    check_active_units(cfg.get("active_units"), cfg.scenario)
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
+        raise ValueError(f"clip_grad_norm must be a number > 0 (or null: no clipping), got {clip!r}")
     strength = cfg.get("lambda")
     if strength is not None:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
@@ -241,7 +245,9 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    stream = build_stream(cfg.benchmark, cfg.scenario, cfg.seed, device, cfg.data_dir, cfg.download)
+    stream = build_stream(
+        cfg.benchmark, cfg.scenario, cfg.seed, device, cfg.data_dir, cfg.download, active_units=cfg.active_units
+    )
     model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(device)
     ident = identity(cfg)
     method = method_from_config(cfg.method, cfg.get("lambda"))
@@ -272,6 +278,7 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
         events=Fanout(console_log, tb, *([CurvesCSV(out_dir, saved)] if cfg.eval_every == "epoch" else [])),
         checkpoint=checkpoint,
         eval_every=cfg.eval_every,
+        clip_grad_norm=cfg.clip_grad_norm,
     )
     if saved:
         done = saved["trainer"]["tasks_done"]

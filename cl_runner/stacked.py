@@ -455,11 +455,12 @@ def stream_cache() -> Callable:
 
     build, cache = benchmarks.build_stream, {}
 
-    def cached(cfg, scenario, seed, device, data_dir, download=True):
+    def cached(cfg, scenario, seed, device, data_dir, download=True, active_units="seen"):
         plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         key = (repr(sorted(plain.items(), key=str)), scenario, int(seed), str(device), str(data_dir), bool(download))
+        key += (active_units,)
         if key not in cache:
-            cache[key] = build(cfg, scenario, seed, device, data_dir, download)
+            cache[key] = build(cfg, scenario, seed, device, data_dir, download, active_units)
         return cache[key]
 
     return cached

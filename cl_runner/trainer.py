@@ -147,6 +147,7 @@ class Trainer:
         progress_every: int = 50,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         eval_every: str = "task",
+        clip_grad_norm: float | None = None,
     ):
         self.model, self.method, self.stream = model, method, stream
         self.make_optimizer = optimizer
@@ -160,6 +161,7 @@ class Trainer:
         if eval_every not in EVAL_EVERY:
             raise ValueError(f"eval_every={eval_every!r} is unknown; choose one of: {', '.join(EVAL_EVERY)}")
         self.eval_every = eval_every
+        self.clip_grad_norm = clip_grad_norm
         self.matrix: list[list[float]] = []
         self.initial: list[float] = []
         self.steps = 0
@@ -296,9 +298,14 @@ class Trainer:
 
     def _gradient_hooks(self, batch: Batch) -> Tensor | None:
         """After ``.backward()``, before the optimizer step: the method's gradient hook, then λ·penalty's
-        gradient; returns λ·penalty (None without one)."""
+        gradient, then ``clip_grad_norm`` on the whole gradient (task loss + penalty, as the seeds' code
+        clips after the regularized loss's backward); returns λ·penalty (None without one)."""
         self.method.after_backward(self.model, batch)
-        return self.method.add_penalty_grad(self.model) if self.method.strength else None
+        penalty = self.method.add_penalty_grad(self.model) if self.method.strength else None
+        if self.clip_grad_norm is not None:
+            # foreach=True: one fused kernel; no host sync (the norm stays on the device)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm, foreach=True)
+        return penalty
 
     def _check_finite(self, losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:
         finite = torch.isfinite(torch.stack([losses[lo:hi], penalties[lo:hi]]))

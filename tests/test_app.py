@@ -133,6 +133,10 @@ BAD_INPUT = [
     (["scenario=bogus"], "scenario='bogus' is unknown; choose one of: task, domain, class"),
     (["method=finetune", "lambda=5"], "method=finetune has no regularization strength"),
     (["optimizer.lr=-1"], "optimizer.lr must be > 0"),
+    (["active_units=all"], "active_units=all applies to scenario=class only"),
+    (["scenario=class", "active_units=some"], "active_units='some' is unknown; choose one of: seen, all"),
+    (["clip_grad_norm=0"], "clip_grad_norm must be a number > 0 (or null: no clipping), got 0"),
+    (["clip_grad_norm=nan"], "clip_grad_norm must be a number > 0"),
 ]
 
 

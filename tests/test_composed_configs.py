@@ -3,7 +3,10 @@ presets' per-method values moved from `protocol.*` + `oc.select` into configs/pr
 <method>.yaml (chosen by each preset's defaults list). tests/data/composed_configs.json was written
 by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's instantiation keys
 (`_target_`, `_partial_`) are not values and are left out of the comparison. Added deliberately since:
-`method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal)."""
+`method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal);
+`active_units: seen` and `clip_grad_norm: null` everywhere (their defaults change nothing), and the
+seeds_fellowship_cnn entries' values from the seeds' code (active_units all, clip 10, momentum 0.9) and
+EWC's sampled Fisher labels there."""
 
 from __future__ import annotations
 

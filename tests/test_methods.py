@@ -166,6 +166,47 @@ def test_fisher_equals_brute_force_loop(labels, path, path_taken):
     assert path_taken == [path]
 
 
+class SmallConv(nn.Module):
+    """Every parameter in a Conv2d or Linear: EWC's diagonal takes the per-layer einsum path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.head = nn.Linear(8, N_OUT)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("labels", FISHER_LABELS)
+def test_conv_fisher_by_layers_equals_brute_force_loop(labels, monkeypatch):
+    from cl_runner.methods import curvature
+
+    taken = []
+    real = curvature.diagonal_by_layers
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(curvature, "diagonal_by_layers", spy)
+    torch.manual_seed(0)
+    model, task = SmallConv().double(), make_task()
+    ewc = EWC(1.0, **defaults("ewc", fisher_labels=labels, fisher_batch=4))
+    ewc.after_task(model, task)
+    x, y = task.x_train, task.y_train
+    if labels == "true":
+        lab = y - task.units[0]
+    elif labels == "pred":
+        with torch.no_grad():
+            lab = model(x)[:, task.units[0] : task.units[1]].argmax(1)
+    else:
+        lab = fisher_labels(model, x, y, task.units, "sample", task_generator(0, task.id))
+    assert_dicts_close(ewc.importance(), brute_fisher(model, x, lab, task.units, exact=labels == "all"))
+    assert taken == [True]
+
+
 def test_fisher_labels_differ_and_chunking_is_irrelevant():
     model, task = make_model(), make_task()
     with eval_mode(model):

@@ -101,3 +101,61 @@ def test_evaluate_counts_argmax_within_eval_units():
     row = evaluate(Oracle(), s, trained=4)
     n1 = (s[0].y_test == 1).float().mean().item()
     assert row[0] == pytest.approx(n1) and row[1:] == [0.0] * 4
+
+
+def test_class_il_with_every_unit_active_from_the_first_task():
+    """active_units=all (the seeds' D3: one fixed head): every task trains and is tested on all units."""
+    groups = [[0, 1], [2, 3], [4, 5]]
+    assert assign_units(groups, "class", "all") == ([(0, 6)] * 3, [(0, 2), (2, 4), (4, 6)], 6)
+    s = build_stream(SPLIT, "class", seed=0, device="cpu", data_dir=".", active_units="all")
+    assert [t.units for t in s] == [(0, 10)] * 5
+    assert s.eval_units(trained=0, j=0) == (0, 10) and s.eval_units(trained=-1, j=4) == (0, 10)
+
+    class Oracle(torch.nn.Module):  # predicts unit 9 for every input: wrong on task 1 only when 9 competes
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 10)
+            out[:, 1], out[:, 9] = 1, 2
+            return out
+
+    seen = build_stream(SPLIT, "class", seed=0, device="cpu", data_dir=".")
+    assert evaluate(Oracle(), seen, trained=0)[0] > 0 and evaluate(Oracle(), s, trained=0)[0] == 0
+    for scenario in ("task", "domain"):
+        with pytest.raises(ValueError, match="active_units=all applies to scenario=class only"):
+            assign_units(groups, scenario, "all")
+    with pytest.raises(ValueError, match="choose one of: seen, all"):
+        assign_units(groups, "class", "some")
+
+
+def test_clip_grad_norm_clips_the_whole_gradient_before_the_step():
+    """One SGD step (lr 1) with clip_grad_norm=c moves the parameters by exactly c along the gradient
+    of the task loss + penalty when its norm is above c, and by the gradient itself below."""
+    from cl_runner.methods.l2 import L2
+    from cl_runner.models import MLP
+    from cl_runner.trainer import Trainer
+
+    s = build_stream(SPLIT, "class", seed=0, device="cpu", data_dir=".")
+    s.tasks = s.tasks[:1]
+    s[0].x_train, s[0].y_train = s[0].x_train[:8], s[0].y_train[:8]
+    for clip in (None, 0.05, 1e3):  # the unclipped step's norm is about 0.6
+        torch.manual_seed(0)
+        model = MLP(s.input_shape, s.n_outputs, hidden=[6])
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        method = L2(5.0)
+        trainer = Trainer(
+            model,
+            method,
+            s,
+            lambda m: torch.optim.SGD(m.parameters(), lr=1.0),
+            batch_size=8,
+            iterations=1,
+            clip_grad_norm=clip,
+        )
+        trainer.run()
+        step = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+        if clip is None:
+            free = step
+        elif clip < 1:
+            assert step.norm().item() == pytest.approx(clip, rel=1e-4)
+            assert torch.allclose(step / step.norm(), free / free.norm(), atol=1e-5)  # same direction
+        else:
+            assert torch.equal(step, free)  # below the threshold: untouched

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cl_runner.data import transforms as T
 from cl_runner.data.datasets import SHAPES, RawDataset, load_dataset
-from cl_runner.data.stream import Task, TaskStream, assign_units, label_to_unit
+from cl_runner.data.stream import Task, TaskStream, assign_units, check_active_units, label_to_unit
 
 
 @dataclass
@@ -115,9 +115,11 @@ def build_stream(
     device: torch.device | str,
     data_dir: str,
     download: bool = True,
+    active_units: str = "seen",
 ) -> TaskStream:
     device = torch.device(device)
     kind = check_benchmark(cfg, scenario)
+    check_active_units(active_units, scenario)
     g = torch.Generator().manual_seed(int(seed))
     names = list(_get(cfg, "datasets", [])) if kind == "sequence" else [_get(cfg, "dataset", "digits")]
     if not names:
@@ -134,7 +136,7 @@ def build_stream(
     elif norm is not None:
         mean, std = norm["mean"], norm["std"]
 
-    train_units, own_units, n_outputs = assign_units([p.classes for p in parts], scenario)
+    train_units, own_units, n_outputs = assign_units([p.classes for p in parts], scenario, active_units)
     max_train, max_test = _get(cfg, "max_train_per_task"), _get(cfg, "max_test_per_task")
     tasks = []
     for t, p in enumerate(parts):
@@ -164,6 +166,7 @@ def build_stream(
         n_outputs=n_outputs,
         input_shape=tuple(parts[0].x_train.shape[1:]),
         info=info,
+        active_units=active_units,
     )
 
 

@@ -8,7 +8,9 @@ task carries the contiguous range of units ``[lo, hi)`` that is active while it 
              slices share no weights, so this is exactly one head per task);
 - domain-IL: every task uses the shared units ``[0, k)`` (target = position of the class in its task);
 - class-IL:  task t's classes get units ``[off_t, off_t + k_t)``; training task t activates all
-             classes seen so far ``[0, off_t + k_t)`` (the seen-class mask).
+             classes seen so far ``[0, off_t + k_t)`` (the seen-class mask, ``active_units=seen``:
+             Hsu et al., van de Ven & Tolias), or every unit of the stream from the first task
+             (``active_units=all``: one fixed head, as the seeds' D3 code trains its 30-unit head).
 
 Evaluation of task j after training task i uses :meth:`TaskStream.eval_units`.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 SCENARIOS = ("task", "domain", "class")
+ACTIVE_UNITS = ("seen", "all")  # class-IL: the seen-class mask, or the whole head from the start
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TaskStream:
     n_outputs: int
     input_shape: tuple[int, ...]
     info: dict = field(default_factory=dict)  # free-form description (dataset, transforms)
+    active_units: str = "seen"  # class-IL only: ACTIVE_UNITS
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -64,19 +68,22 @@ class TaskStream:
 
         Task- and domain-IL use the task's own training units. Class-IL lets every class seen so far
         compete; for a task not trained yet (``j > trained``, the FWT entries) its own classes join,
-        so that the entry is defined.
+        so that the entry is defined. With ``active_units=all`` every unit competes, always.
         """
         if self.scenario != "class":
             return self.tasks[j].units
+        if self.active_units == "all":
+            return (0, self.n_outputs)
         return (0, self.tasks[max(trained, j)].units[1])
 
 
 def assign_units(
-    class_groups: list[list[int]], scenario: str
+    class_groups: list[list[int]], scenario: str, active_units: str = "seen"
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
     """Output-unit layout for tasks with the given classes: (training units, own units, n_outputs)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+    check_active_units(active_units, scenario)
     sizes = [len(g) for g in class_groups]
     if scenario == "domain":
         if len(set(sizes)) != 1:
@@ -87,8 +94,18 @@ def assign_units(
     for k in sizes:
         own.append((lo, lo + k))
         lo += k
-    train = own if scenario == "task" else [(0, hi) for _, hi in own]
-    return train, own, lo
+    if scenario == "task":
+        return own, own, lo
+    return [(0, lo if active_units == "all" else hi) for _, hi in own], own, lo
+
+
+def check_active_units(active_units: str, scenario: str) -> None:
+    if active_units not in ACTIVE_UNITS:
+        raise ValueError(f"active_units={active_units!r} is unknown; choose one of: {', '.join(ACTIVE_UNITS)}")
+    if active_units != "seen" and scenario != "class":
+        raise ValueError(
+            f"active_units={active_units} applies to scenario=class only (scenario={scenario} has its own heads)"
+        )
 
 
 def label_to_unit(y: Tensor, classes: list[int], own_units: tuple[int, int]) -> Tensor:

@@ -496,6 +496,10 @@ def _layer_table(model: nn.Module, names: Mapping[str, Tensor]) -> tuple[dict[st
     return layers, covered
 
 
+class LayerReused(ValueError):
+    """A Linear/Conv2d layer ran more than once in one forward: per-layer per-sample gradients do not apply."""
+
+
 def _layer_pass(model, layers, x, lo, hi, mask, target, chunk):
     """One batched forward per chunk with hooks on ``layers``, then one backward per class (``all``)
     or one for the chosen labels. Yields (new_chunk, inputs, w, deltas): the layers' expanded inputs
@@ -519,7 +523,7 @@ def _layer_pass(model, layers, x, lo, hi, mask, target, chunk):
             for h in hooks:
                 h.remove()
         if any(len(v) != 1 for v in seen.values()):
-            raise ValueError("Fisher: a Linear/Conv2d layer is applied more than once per forward")
+            raise LayerReused("Fisher: a Linear/Conv2d layer is applied more than once per forward")
         outs = [seen[m][0][1] for m in layers]
         acts = [_expand(lay["module"], seen[m][0][0], lay["bias"] is not None) for m, lay in layers.items()]
         if target is None:
@@ -546,6 +550,28 @@ def _hook_rows(model, names, layers, x, lo, hi, mask, target, chunk):
             else:
                 out[lay["weight"]], out[lay["bias"]] = g[:, :, :-1].flatten(1), g[:, :, -1]
         yield torch.cat([out[n] for n in names], 1)
+
+
+def diagonal_by_layers(
+    model: nn.Module, x: Tensor, units: tuple[int, int], target: Tensor | None, chunk: int
+) -> dict[str, Tensor] | None:
+    """EWC's diagonal Fisher (``per_sample.fisher_diagonal``: mean per-sample squared gradient of
+    log p(target) over ``units``, or the exact expectation when ``target`` is None) from the layers'
+    per-sample gradients; None when a parameter lives outside a Linear/Conv2d layer. Rows held at
+    once: enough samples for ~16 MB (at least ``chunk``)."""
+    params = named_params(model)
+    layers, covered = _layer_table(model, params)
+    if covered != set(params) or not len(x):
+        return None
+    lo, hi = int(units[0]), int(units[1])
+    n_params = sum(p.numel() for p in params.values())
+    step = min(len(x), max(chunk, (1 << 22) // max(n_params, 1)))
+    shapes = {n: p.shape for n, p in params.items()}
+    try:
+        acc = sum(r.square().sum(0) for r in _hook_rows(model, list(params), layers, x, lo, hi, None, target, step))
+    except LayerReused:  # raised by the first chunk's forward, before anything was summed
+        return None
+    return _unflat(acc / len(x), shapes)
 
 
 def _kfac(model, names, x, lo, hi, mask, target, chunk):

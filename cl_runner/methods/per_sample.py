@@ -16,7 +16,10 @@ per-sample weight gradient is the outer product δ_n a_nᵀ of the layer's outpu
 its input a_n, so Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ(a²) and Σ_n |δ_n a_nᵀ| = |δ|ᵀ|a| are computed as one matrix
 product per layer without materializing the per-sample gradients. δ_n comes from one batched
 backward to the layer outputs (samples do not interact in eval mode), once per class for the
-exact Fisher. Any other model uses ``torch.func``. ``FAST_LINEAR = False`` forces ``torch.func``.
+exact Fisher. A model whose parameters all live in ``nn.Linear``/``nn.Conv2d`` layers (a CNN
+without batch norm, e.g. D3's) gets its per-sample gradients the same way, one einsum per layer
+over the layer's expanded inputs (``curvature._hook_rows``) instead of ``vmap``: 2.5–7× faster on
+the D3 CNN. Any other model uses ``torch.func``. ``FAST_LINEAR = False`` forces ``torch.func``.
 
 Outputs are restricted to the active units ``[lo, hi)`` of the task; labels are ``y - lo``.
 Random choices (sampled labels, subsets) draw from a caller-supplied ``torch.Generator`` on the
@@ -212,6 +215,11 @@ def fisher_diagonal(
         fast = _linear_pass(model, x, units, "all" if labels == "all" else "labels", target)
         if fast is not None:
             return {n: f / n_samples for n, f in fast.items()}
+        from cl_runner.methods import curvature  # imported here: curvature imports this module
+
+        layered = curvature.diagonal_by_layers(model, x, units, target, batch)
+        if layered is not None:
+            return layered
 
     if labels == "all":
 

@@ -79,6 +79,8 @@ def why_not_stacked(task_cfg: DictConfig) -> str | None:
         return "the model uses dropout (random masks per member)"
     if task_cfg.get("eval_every", "task") != "task":
         return f"eval_every={task_cfg.get('eval_every')} (the group evaluates after each task only)"
+    if task_cfg.get("clip_grad_norm") is not None:
+        return "clip_grad_norm is set (the stacked step has no per-member clipping yet)"
     return None
 
 
