@@ -17,6 +17,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,10 +234,34 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None, checked: 
             torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class RunParts:
+    """What a run builds its task stream and its trainer with. A vectorized group
+    (cl_runner/stacked.py) gives its members a shared stream cache and a trainer class whose task
+    training it does; every other run uses the defaults."""
+
+    build_stream: Callable[..., Any] | None = None  # None: cl_runner.data.benchmarks.build_stream
+    trainer: type | None = None  # None: cl_runner.trainer.Trainer
+
+
+# Per thread (a group runs each member's job in a thread of its own): set with :func:`using_parts`.
+_PARTS: ContextVar[RunParts | None] = ContextVar("cl_runner_run_parts", default=None)
+
+
+@contextlib.contextmanager
+def using_parts(parts: RunParts) -> Iterator[None]:
+    """Runs started in this thread inside the block build their stream and trainer with ``parts``."""
+    token = _PARTS.set(parts)
+    try:
+        yield
+    finally:
+        _PARTS.reset(token)
+
+
 def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     import torch
 
-    from cl_runner.data.benchmarks import build_stream
+    from cl_runner.data import benchmarks
     from cl_runner.methods import method_from_config
     from cl_runner.metrics import all_metrics
     from cl_runner.models import build_model
@@ -243,6 +270,9 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     from cl_runner.report.terminal import ConsoleLogger, Fanout
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
 
+    parts = _PARTS.get() or RunParts()
+    build_stream = parts.build_stream or benchmarks.build_stream
+    Trainer = parts.trainer or Trainer  # noqa: N806 - a class
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     stream = build_stream(

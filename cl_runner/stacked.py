@@ -3,7 +3,8 @@
 A *group* is a list of jobs whose configs are equal except on stackable keys (λ, seed, the method's
 options, ``optimizer.lr``; see ``hydra_plugins/cl_runner_launcher/vectorized_launcher.py``). Each
 member runs the ordinary job (``app.run_experiment`` through Hydra's ``run_job``: validation, its
-folder, resume, loggers, results, failure rows) in a thread of its own; the threads take turns (one
+folder, resume, loggers, results, failure rows) in a thread of its own, with the group's
+:class:`~cl_runner.app.RunParts` (its trainer class and shared streams); the threads take turns (one
 runs at a time, like coroutines) and each keeps its own global RNG state across turns, so
 everything outside the training steps is the separate run's own code with the separate run's state.
 When a member reaches the training of a task, its :class:`MemberTrainer` hands the task to the
@@ -39,7 +40,6 @@ stream, a seed sweep one per seed).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_runner.report.terminal import ConsoleLogger, Fanout
-from cl_runner.trainer import Trainer as _Trainer  # the real one (the group patches the module's name)
+from cl_runner.trainer import Trainer as _Trainer
 
 FORWARDS = ("auto", "loop", "vmap")
 
@@ -112,6 +112,8 @@ class Group:
         self.members: list[_Member] = []
         self.interrupted = False
         self.trained_together = 0  # tasks trained by more than one member at once (tests)
+        self._trainer_class = member_trainer_class(self)
+        self._streams = stream_cache()  # members share one stream per benchmark config
 
     # ------------------------------------------------------------------ turns
     def _save_rng(self, m: _Member) -> None:
@@ -125,11 +127,15 @@ class Group:
             torch.cuda.set_rng_state_all(m.cuda_rng)
 
     def _thread_main(self, m: _Member) -> None:
+        from cl_runner.app import RunParts, using_parts
+
         self._local.member = m
         with self._cv:
             self._cv.wait_for(lambda: self._turn == m.index)
         try:
-            m.result = m.fn()
+            # the member's job builds its trainer and stream through the group (ContextVars are per thread)
+            with using_parts(RunParts(build_stream=self._streams, trainer=self._trainer_class)):
+                m.result = m.fn()
         except BaseException as e:  # noqa: BLE001 - handed to the launcher
             m.error = e
         finally:
@@ -172,15 +178,14 @@ class Group:
         for m in self.members:
             m.thread = threading.Thread(target=self._thread_main, args=(m,), name=f"member-{m.index}", daemon=True)
             m.thread.start()
-        with _patched(self):
-            while True:
-                for m in self.members:
-                    if m.state == "runnable":
-                        self._give_turn(m)
-                waiting = [m for m in self.members if m.state == "waiting"]
-                if not waiting:
-                    break
-                self._serve(waiting)
+        while True:
+            for m in self.members:
+                if m.state == "runnable":
+                    self._give_turn(m)
+            waiting = [m for m in self.members if m.state == "waiting"]
+            if not waiting:
+                break
+            self._serve(waiting)
         for m in self.members:
             m.thread.join()
         return self.members
@@ -464,18 +469,3 @@ def stream_cache() -> Callable:
         return cache[key]
 
     return cached
-
-
-@contextlib.contextmanager
-def _patched(group: Group) -> Iterator[None]:
-    """While a group runs, ``app._run`` builds its trainer and stream through the group (the app
-    imports both inside the function, so module attributes are what it gets)."""
-    from cl_runner import trainer
-    from cl_runner.data import benchmarks
-
-    saved = trainer.Trainer, benchmarks.build_stream
-    trainer.Trainer, benchmarks.build_stream = member_trainer_class(group), stream_cache()
-    try:
-        yield
-    finally:
-        trainer.Trainer, benchmarks.build_stream = saved
