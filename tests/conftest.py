@@ -60,3 +60,10 @@ def defaults(method: str, **given):
     from cl_runner.build import options
 
     return {**options(OmegaConf.load(ROOT / "configs" / "method" / f"{method}.yaml")), **given}
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist, the Slurm tests run on one worker, one after another (they share one cluster)."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -106,7 +106,13 @@ def test_seeds_fellowship_cnn_follows_protocol_d3(row):
         0,
         None,
     )
-    assert cfg["scenario"] == "class" and cfg["eval_every"] == "epoch"
+    # one fixed 30-unit head from the first task and the norm clipped at 10: the seeds' code (not in the text)
+    assert (cfg["scenario"], cfg["active_units"], cfg["eval_every"], cfg["clip_grad_norm"]) == (
+        "class",
+        "all",
+        "epoch",
+        10,
+    )
     assert (cfg["model"]["name"], cfg["model"]["channels"], cfg["model"]["fc"], cfg["model"]["head_bias"]) == (
         "cnn_d3",
         [5, 5],
@@ -114,13 +120,13 @@ def test_seeds_fellowship_cnn_follows_protocol_d3(row):
         False,
     )
     o = cfg["optimizer"]
-    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("sgd", 0.002, 0.0, 0.0)
+    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("sgd", 0.002, 0.9, 0.0)  # the seeds' momentum
     assert (cfg["batch_size"], cfg["epochs"], cfg["iterations"], cfg["reset_optimizer"]) == (256, 5, None, False)
     m = cfg["method"]
     method, _, kind = row.rpartition("_") if row.endswith(("diag", "kfac", "dense")) else (row, "", None)
     assert m["name"] == method and m.get("fisher") == kind
-    if method == "ewc":  # λ (θ − θ*)ᵀ F (θ − θ*), no ½, λ = 10, the true Fisher
-        assert (cfg["lambda"], m["half"], m["fisher_labels"], m["fisher_samples"]) == (10, False, "all", None)
+    if method == "ewc":  # λ (θ − θ*)ᵀ F (θ − θ*), no ½, λ = 10, the true Fisher (labels drawn from the softmax)
+        assert (cfg["lambda"], m["half"], m["fisher_labels"], m["fisher_samples"]) == (10, False, "sample", None)
     if method in ("replay", "ng_replay"):
         assert (m["buffer_size"], m["replay_batch"]) == (1000, None)
     if method == "ng_replay":
