@@ -226,8 +226,9 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None, checked: 
         resolved = OmegaConf.to_container(cfg, resolve=True)
         _claim_config(out_dir, resolved)
         threads = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        wanted = (_PARTS.get() or RunParts()).threads or cfg.threads
+        if wanted:
+            torch.set_num_threads(wanted)
         try:
             return _run(cfg, out_dir, device, console)
         finally:
@@ -242,6 +243,7 @@ class RunParts:
 
     build_stream: Callable[..., Any] | None = None  # None: cl_runner.data.benchmarks.build_stream
     trainer: type | None = None  # None: cl_runner.trainer.Trainer
+    threads: int | None = None  # CPU threads of the run's own thread (None: the config's ``threads``)
 
 
 # Per thread (a group runs each member's job in a thread of its own): set with :func:`using_parts`.

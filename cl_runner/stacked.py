@@ -9,24 +9,27 @@ runs at a time, like coroutines) and each keeps its own global RNG state across 
 everything outside the training steps is the separate run's own code with the separate run's state.
 When a member reaches the training of a task, its :class:`MemberTrainer` hands the task to the
 :class:`Group` and waits; once every live member waits, the group trains the waiting members that
-are at the same task together, step by step:
+are at the same task together:
 
 - each member draws its own batches from its own generator (seeded by its seed) and keeps its own
   model (own initialization), method object (own λ, options, importance, anchors) and optimizer;
-- the forward/backward pass is either ``loop`` (each member's own model, one after another: the
-  same kernels as a separate run, so the accuracy matrices are **bitwise equal** to separate runs)
-  or ``vmap``: the parameters are stacked into tensors with a leading member dimension and the
-  forward pass is ``torch.func.vmap`` over ``functional_call`` (one batched matmul per layer; the
-  member models' parameters become views of the stacked tensors, their ``.grad`` views of the
-  stacked gradient, so the methods' hooks and the optimizer act on them unchanged; members that
+- ``loop``: the members train the task one after another, each by the trainer's own loop (the
+  same kernels as a separate run, so the accuracy matrices are **bitwise equal** to separate runs
+  with ``threads=1``: a member's own thread — its importance passes and evaluations — computes on
+  one CPU thread, the training on the jobs' ``threads``; what the group saves is the fixed costs
+  around training); or ``vmap``: the parameters are stacked into tensors with a leading member
+  dimension, step by step, and the forward pass is ``torch.func.vmap`` over ``functional_call`` (one
+  batched matmul per layer; the member models' parameters become views of the stacked tensors, their
+  ``.grad`` views of the stacked gradient, so the methods' hooks and the optimizer act on them
+  unchanged; members that
   share a stream and a head take one gather and one cross-entropy call). Batched matmuls
   sum in another order than single ones: gradients differ in the last bits (≈1e-8 measured on
   CPU), which training can amplify; ``auto`` = ``vmap`` on a GPU, ``loop`` on the CPU;
 - optimizer: with ``vmap``, one optimizer of the members' class over the stacked tensors, its state
   the members' states stacked (written back into each member's optimizer after the task, for
   checkpoints); Adam and SGD are elementwise, so this is one optimizer per member with no coupling.
-  When the members' hyperparameters differ (a swept ``optimizer.lr``), and with ``loop``, each
-  member's own optimizer steps its own parameters;
+  When the members' hyperparameters differ (a swept ``optimizer.lr``), each member's own optimizer
+  steps its own parameters;
 - the methods' hooks run per member (``training_batch``, ``loss``, ``after_backward``,
   ``add_penalty_grad``, ``after_step``, each with the member's own batch), exactly as
   ``Trainer._train_task`` calls them (keep the two in step when the hooks change);
@@ -101,10 +104,11 @@ class _Member:
 class Group:
     """Runs ``fns`` (one callable per member: the whole job) in lockstep; see the module docstring."""
 
-    def __init__(self, forward: str = "auto", log: Callable[[str], None] | None = None):
+    def __init__(self, forward: str = "auto", log: Callable[[str], None] | None = None, threads: int | None = None):
         if forward not in FORWARDS:
             raise ValueError(f"hydra.launcher.forward={forward!r} is not valid; choose one of: {', '.join(FORWARDS)}")
         self.forward = forward
+        self.threads = threads  # the jobs' `threads`: the coordinator trains with them
         self.log = log or (lambda msg: None)
         self._cv = threading.Condition()
         self._turn: int | None = None  # the member that may run; None = the coordinator
@@ -130,11 +134,17 @@ class Group:
         from cl_runner.app import RunParts, using_parts
 
         self._local.member = m
+        # The member's own thread computes on one CPU thread, from its first torch op on (the job's
+        # validation builds a model): every OS thread that runs parallel torch ops keeps an OpenMP
+        # team, and once the teams hold more threads than there are cores OpenMP stops spinning
+        # between ops: the coordinator's training steps took 2-4x as long (measured on 2 cores)
+        torch.set_num_threads(1)
         with self._cv:
             self._cv.wait_for(lambda: self._turn == m.index)
         try:
             # the member's job builds its trainer and stream through the group (ContextVars are per thread)
-            with using_parts(RunParts(build_stream=self._streams, trainer=self._trainer_class)):
+            parts = RunParts(build_stream=self._streams, trainer=self._trainer_class, threads=1)
+            with using_parts(parts):
                 m.result = m.fn()
         except BaseException as e:  # noqa: BLE001 - handed to the launcher
             m.error = e
@@ -175,9 +185,22 @@ class Group:
     def run(self, fns: Sequence[Callable[[], Any]]) -> list[_Member]:
         """Run every member to its end; returns the members (``result`` or ``error`` each)."""
         self.members = [_Member(i, fn) for i, fn in enumerate(fns)]
+        # the coordinator trains on the jobs' threads, set in its own thread before any member starts
+        # (a thread that never set its count follows the last count set in any thread)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or threads)
         for m in self.members:
             m.thread = threading.Thread(target=self._thread_main, args=(m,), name=f"member-{m.index}", daemon=True)
             m.thread.start()
+        try:
+            self._coordinate()
+        finally:
+            torch.set_num_threads(threads)
+        for m in self.members:
+            m.thread.join()
+        return self.members
+
+    def _coordinate(self) -> None:
         while True:
             for m in self.members:
                 if m.state == "runnable":
@@ -186,9 +209,6 @@ class Group:
             if not waiting:
                 break
             self._serve(waiting)
-        for m in self.members:
-            m.thread.join()
-        return self.members
 
     def _serve(self, waiting: list[_Member]) -> None:
         parts: dict[tuple, list[_Member]] = {}
@@ -220,9 +240,14 @@ class Group:
         if forward == "vmap":
             why = vmap_ok(reqs[0].trainer.model)
             if why:
-                self.log(f"vectorized: {why}: members run one after another in each step (forward=loop)")
+                self.log(f"vectorized: {why}: members train this task one after another (forward=loop)")
                 forward = "loop"
-        return _train_together(reqs, forward)
+        if forward == "loop":
+            # each member's whole task after the other's, by the trainer's own loop: the separate runs'
+            # kernels, and one model's parameters and optimizer state stay in the CPU's caches (stepping
+            # 16 members in turn, every step evicted the others' state: 1.7× the basic launcher's time)
+            return [_own_train_task(r, self, m) for r, m in zip(reqs, part, strict=True)]
+        return _train_together(reqs)
 
 
 def _own_train_task(r: _Request, group: Group, m: _Member) -> Any:
@@ -296,9 +321,10 @@ def _unstack_optimizer(opt: torch.optim.Optimizer, reqs: list[_Request], names: 
             }
 
 
-def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
-    """Train one task for every member of ``reqs`` (same task, same number of steps), step by step.
-    Returns per member (losses, penalties) as ``Trainer._train_task`` does, or its exception."""
+def _train_together(reqs: list[_Request]) -> list[Any]:
+    """Train one task for every member of ``reqs`` (same task, same number of steps) step by step, as
+    one stacked model (``forward=vmap``). Returns per member (losses, penalties) as
+    ``Trainer._train_task`` does, or its exception."""
     import torch.nn.functional as F
     from torch.func import functional_call, vmap
 
@@ -316,71 +342,60 @@ def _train_together(reqs: list[_Request], forward: str) -> list[Any]:
     for model in models:
         model.train()
 
-    stacked: dict[str, Tensor] = {}
-    if forward == "vmap":
-        names = [name for name, p in models[0].named_parameters() if p.requires_grad]
-        with torch.no_grad():
-            stacked = {name: torch.stack([dict(m.named_parameters())[name] for m in models]) for name in names}
-        for t in stacked.values():
-            t.requires_grad_(True)
-        own = [[dict(m.named_parameters())[name] for name in names] for m in models]
-        for k, params in enumerate(own):  # the members' parameters become views of the stacked tensors
-            for name, p in zip(names, params, strict=True):
-                p.data = stacked[name].detach()[k]
-        base = models[0]
-        optimizer = _stacked_optimizer(reqs, names, own, stacked)
+    names = [name for name, p in models[0].named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        stacked = {name: torch.stack([dict(m.named_parameters())[name] for m in models]) for name in names}
+    for t in stacked.values():
+        t.requires_grad_(True)
+    own = [[dict(m.named_parameters())[name] for name in names] for m in models]
+    for k, params in enumerate(own):  # the members' parameters become views of the stacked tensors
+        for name, p in zip(names, params, strict=True):
+            p.data = stacked[name].detach()[k]
+    base = models[0]
+    optimizer = _stacked_optimizer(reqs, names, own, stacked)
 
-        def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(base, params, (x,))
+    def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(base, params, (x,))
 
-        batched = vmap(one)
+    batched = vmap(one)
 
-        shared = all(r.data.x is reqs[0].data.x and r.data.y is reqs[0].data.y for r in reqs)
-        one_head = all(r.data.sample_units is None and r.data.units == reqs[0].data.units for r in reqs)
-    else:
-        optimizer = None
+    shared = all(r.data.x is reqs[0].data.x and r.data.y is reqs[0].data.y for r in reqs)
+    one_head = all(r.data.sample_units is None and r.data.units == reqs[0].data.units for r in reqs)
     checked = 0
     for step in range(n_steps):
         idx = [next(b) for b in batches]
         data = [r.data for r in reqs]
         units = [None if d.sample_units is None else d.sample_units[i] for d, i in zip(data, idx, strict=True)]
-        if forward == "vmap":
-            for t in stacked.values():
-                t.grad = None
-            if shared:  # one stream for all (a λ sweep): one gather
-                rows = torch.stack(idx)
-                x, y = data[0].x[rows], data[0].y[rows]
-            else:
-                x = torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)])
-                y = torch.stack([d.y[i] for d, i in zip(data, idx, strict=True)])
-            given = {k: Batch(x[k], y[k], data[k].units, units[k], reqs[k].t) for k in alive}
-            batch = {k: trainers[k].method.training_batch(b) for k, b in given.items()}
-            if any(batch[k] is not given[k] for k in alive):  # a method changed its batch: stack what it gave
-                x = torch.stack([batch[k].x if k in batch else x[k] for k in range(n)])
-                y = torch.stack([batch[k].y if k in batch else y[k] for k in range(n)])
-            logits = batched(stacked, x)
-            plain = one_head and all(batch[k] is given[k] for k in alive)
-            if plain:  # every member's cross-entropy in one call: mean over each member's batch
-                lo, hi = data[0].units
-                per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
-                per = per.view(n, -1).mean(1)
-                step_losses = {k: per[k] for k in alive}
-            else:
-                step_losses = {
-                    k: task_loss(logits[k], batch[k].y, batch[k].units, batch[k].sample_units) for k in alive
-                }
-            for k in alive:
-                extra = trainers[k].method.loss(batch[k], logits[k])
-                if extra is not None:
-                    step_losses[k] = step_losses[k] + extra
-            sum(step_losses.values()).backward()
-            for k in alive:
-                for name, p in zip(names, own[k], strict=True):
-                    p.grad = stacked[name].grad[k]
-        else:  # Trainer._train_task's step, member after member
-            step_losses, batch = {}, {}
-            for k in alive:
-                batch[k], step_losses[k] = trainers[k]._forward_backward(data[k], idx[k], reqs[k].t, reqs[k].optimizer)
+        for t in stacked.values():
+            t.grad = None
+        if shared:  # one stream for all (a λ sweep): one gather
+            rows = torch.stack(idx)
+            x, y = data[0].x[rows], data[0].y[rows]
+        else:
+            x = torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)])
+            y = torch.stack([d.y[i] for d, i in zip(data, idx, strict=True)])
+        given = {k: Batch(x[k], y[k], data[k].units, units[k], reqs[k].t) for k in alive}
+        batch = {k: trainers[k].method.training_batch(b) for k, b in given.items()}
+        if any(batch[k] is not given[k] for k in alive):  # a method changed its batch: stack what it gave
+            x = torch.stack([batch[k].x if k in batch else x[k] for k in range(n)])
+            y = torch.stack([batch[k].y if k in batch else y[k] for k in range(n)])
+        logits = batched(stacked, x)
+        plain = one_head and all(batch[k] is given[k] for k in alive)
+        if plain:  # every member's cross-entropy in one call: mean over each member's batch
+            lo, hi = data[0].units
+            per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
+            per = per.view(n, -1).mean(1)
+            step_losses = {k: per[k] for k in alive}
+        else:
+            step_losses = {k: task_loss(logits[k], batch[k].y, batch[k].units, batch[k].sample_units) for k in alive}
+        for k in alive:
+            extra = trainers[k].method.loss(batch[k], logits[k])
+            if extra is not None:
+                step_losses[k] = step_losses[k] + extra
+        sum(step_losses.values()).backward()
+        for k in alive:
+            for name, p in zip(names, own[k], strict=True):
+                p.grad = stacked[name].grad[k]
         for k in alive:  # the rest of Trainer._train_task's step, per member
             penalty = trainers[k]._gradient_hooks(batch[k])
             if penalty is not None:

@@ -284,7 +284,7 @@ def bench_d3(args, device: torch.device) -> None:
     print(f"{'representation':<34} {'labels':<7} {'seconds':>8} {'µs/sample':>10} {'→ 60k s':>8}")
     runs = [
         (
-            "diag (EWC's path, torch.func)",
+            "diag (EWC's own path)",
             "all",
             lambda lab: per_sample.fisher_diagonal(model, xs, ys, (0, 10), lab, 16),
         ),

@@ -251,14 +251,14 @@ def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, o
     cfgs = [compose_cfg(*SHORT, "method=ewc", f"lambda={v}") for v in (1, 1000)]
     ref = [app.run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
     jobs = [lambda c=c, i=i: app.run_experiment(c, tmp_path / f"vec{i}") for i, c in enumerate(cfgs)]
-    real = stacked._train_together
+    real = stacked._own_train_task  # forward=loop: each member's task by the trainer's own loop
 
-    def ctrl_c_at_task_2(reqs, forward):
-        if reqs[0].t == 1:
+    def ctrl_c_at_task_2(r, group, m):
+        if r.t == 1:
             raise KeyboardInterrupt
-        return real(reqs, forward)
+        return real(r, group, m)
 
-    monkeypatch.setattr(stacked, "_train_together", ctrl_c_at_task_2)
+    monkeypatch.setattr(stacked, "_own_train_task", ctrl_c_at_task_2)
     group = stacked.Group("loop")
     members = group.run(jobs)
     assert group.interrupted
@@ -268,7 +268,7 @@ def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, o
         assert saved["status"] == "interrupted" and saved["tasks_done"] == 1
         assert saved["accuracy_matrix"] == ref[i][:1]
         assert (tmp_path / f"vec{i}" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(stacked, "_train_together", real)
+    monkeypatch.setattr(stacked, "_own_train_task", real)
     group = stacked.Group("loop")
     members = group.run(jobs)
     assert group.trained_together == 2  # tasks 2 and 3, both members at once

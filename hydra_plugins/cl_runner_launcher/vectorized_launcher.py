@@ -150,7 +150,7 @@ class VectorizedLauncher(Launcher):
             numbers = [initial_job_idx + i for i in batch]
             self.groups.append(numbers)
             log.info(f"vectorized: jobs {', '.join(f'#{n}' for n in numbers)} train as one stacked group")
-            group = Group(self.forward, log=log.info)
+            group = Group(self.forward, log=log.info, threads=configs[batch[0]].get("threads"))
             members = group.run([lambda c=configs[i]: self._run(c) for i in batch])
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
             interrupted = False
