@@ -8,6 +8,9 @@ in stackable keys train together as one stacked model in this process (``cl_runn
 - A group trains only if its method class declares ``stackable = True`` itself and its model has
   no active dropout; anything else (a one-job group, a method added later, a dropout model) runs
   as the basic launcher runs it, with a note in the log.
+- ``forward=loop`` (``auto`` on a CPU) runs a group's jobs one after another, sharing their task
+  streams: on the CPU every member would run its own kernels anyway, and member threads cost more
+  than they save (``scripts/bench_sweep.py``); ``vmap`` (``auto`` on a GPU) trains them stacked.
 - Every job is Hydra's ``run_job`` with the usual task function, so each job's folder, ``.hydra/``,
   ``metrics.json``, ``accuracy_matrix.csv``, TensorBoard events, HParams, failure rows and resume
   are what the basic launcher makes; the sweep summary is built from the folders as always.
@@ -106,6 +109,17 @@ class VectorizedLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
+    def _one_after_another(self, task_cfg: DictConfig) -> bool:
+        """forward=loop, or auto on a CPU (auto = vmap on a GPU)."""
+        from cl_runner.app import resolve_device
+
+        if self.forward != "auto":
+            return self.forward == "loop"
+        try:
+            return resolve_device(task_cfg.device).type != "cuda"
+        except ValueError:  # a bad device fails in its own job, with its own error line
+            return True
+
     def _run(self, sweep_config: DictConfig) -> JobReturn:
         return run_job(
             hydra_context=self.hydra_context,
@@ -116,7 +130,8 @@ class VectorizedLauncher(Launcher):
         )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from cl_runner.stacked import Group
+        from cl_runner.app import RunParts, using_parts
+        from cl_runner.stacked import Group, stream_cache
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -149,7 +164,18 @@ class VectorizedLauncher(Launcher):
                 continue
             numbers = [initial_job_idx + i for i in batch]
             self.groups.append(numbers)
-            log.info(f"vectorized: jobs {', '.join(f'#{n}' for n in numbers)} train as one stacked group")
+            jobs = ", ".join(f"#{n}" for n in numbers)
+            if self._one_after_another(configs[batch[0]]):
+                # forward=loop: stacking gains nothing when every member runs its own kernels anyway;
+                # the jobs run as the basic launcher would (bitwise its results at any thread count),
+                # building each task stream once
+                log.info(f"vectorized: jobs {jobs} form one group (forward=loop: one after another, one task stream)")
+                with using_parts(RunParts(build_stream=stream_cache())):
+                    for i in batch:
+                        runs[i] = self._run(configs[i])
+                        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+                continue
+            log.info(f"vectorized: jobs {jobs} train as one stacked group")
             group = Group(self.forward, log=log.info, threads=configs[batch[0]].get("threads"))
             members = group.run([lambda c=configs[i]: self._run(c) for i in batch])
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
