@@ -225,12 +225,13 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None, checked: 
             raise AlreadyFinished(out_dir, previous["status"])
         resolved = OmegaConf.to_container(cfg, resolve=True)
         _claim_config(out_dir, resolved)
+        parts = _PARTS.get() or RunParts()
         threads = torch.get_num_threads()
-        wanted = (_PARTS.get() or RunParts()).threads or cfg.threads
+        wanted = parts.threads or cfg.threads
         if wanted:
             torch.set_num_threads(wanted)
         try:
-            return _run(cfg, out_dir, device, console)
+            return _run(cfg, out_dir, device, console, parts)
         finally:
             torch.set_num_threads(threads)
 
@@ -260,7 +261,7 @@ def using_parts(parts: RunParts) -> Iterator[None]:
         _PARTS.reset(token)
 
 
-def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
+def _run(cfg: DictConfig, out_dir: Path, device, console, parts: RunParts) -> dict[str, Any]:
     import torch
 
     from cl_runner.data import benchmarks
@@ -272,7 +273,6 @@ def _run(cfg: DictConfig, out_dir: Path, device, console) -> dict[str, Any]:
     from cl_runner.report.terminal import ConsoleLogger, Fanout
     from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
 
-    parts = _PARTS.get() or RunParts()
     build_stream = parts.build_stream or benchmarks.build_stream
     Trainer = parts.trainer or Trainer  # noqa: N806 - a class
     start = time.perf_counter()

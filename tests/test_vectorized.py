@@ -71,35 +71,34 @@ def _stacked_groups(log: str) -> int:
     return log.count("train as one stacked group") + log.count("form one group")
 
 
+def _sweeps_equal(tmp_path: Path, args: list[str], groups: int, n_jobs: int) -> None:
+    """The same sweep with the basic and the vectorized launcher: ``groups`` groups, equal outputs."""
+    _sweep(tmp_path / "basic", *args, vectorized=False)
+    log = _sweep(tmp_path / "vec", *args, vectorized=True)
+    assert _stacked_groups(log) == groups
+    _same_outputs(tmp_path / "basic", tmp_path / "vec", n_jobs)
+
+
 @pytest.mark.slow
 def test_seed_sweep_every_method_bitwise(tmp_path):
     """Seeds 0 and 1 of every stackable method: each pair trains as one group (own init, own batch
     order, own permutations), and every output equals the basic launcher's."""
     args = [*SHORT, f"method={','.join(STACKABLE)}", "seed=0,1"]
-    _sweep(tmp_path / "basic", *args, vectorized=False)
-    log = _sweep(tmp_path / "vec", *args, vectorized=True)
-    assert _stacked_groups(log) == len(STACKABLE)
-    _same_outputs(tmp_path / "basic", tmp_path / "vec", 2 * len(STACKABLE))
+    _sweeps_equal(tmp_path, args, groups=len(STACKABLE), n_jobs=2 * len(STACKABLE))
 
 
 @pytest.mark.slow
 def test_lambda_sweep_every_regularizer_bitwise(tmp_path):
     """λ sweeps of every regularized method (each its own importance and anchors per member)."""
     args = [*SHORT, f"method={','.join(REGULARIZED)}", "lambda=1,100,10000"]
-    _sweep(tmp_path / "basic", *args, vectorized=False)
-    log = _sweep(tmp_path / "vec", *args, vectorized=True)
-    assert _stacked_groups(log) == len(REGULARIZED)
-    _same_outputs(tmp_path / "basic", tmp_path / "vec", 3 * len(REGULARIZED))
+    _sweeps_equal(tmp_path, args, groups=len(REGULARIZED), n_jobs=3 * len(REGULARIZED))
 
 
 @pytest.mark.slow
 def test_task_il_joint_and_method_options(tmp_path):
     """Task-IL (joint's per-sample heads), a method option and the learning rate as stacked keys."""
     args = [*SHORT, "scenario=task", "method=si", "method.xi=0.01,1", "optimizer.lr=1e-3,3e-4"]
-    _sweep(tmp_path / "basic", *args, vectorized=False)
-    log = _sweep(tmp_path / "vec", *args, vectorized=True)
-    assert _stacked_groups(log) == 1
-    _same_outputs(tmp_path / "basic", tmp_path / "vec", 4)
+    _sweeps_equal(tmp_path, args, groups=1, n_jobs=4)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cl_runner.data import transforms as T
 from cl_runner.data.datasets import SHAPES, RawDataset, load_dataset
-from cl_runner.data.stream import Task, TaskStream, assign_units, check_active_units, label_to_unit
+from cl_runner.data.stream import Task, TaskStream, assign_units, label_to_unit
 
 
 @dataclass
@@ -119,7 +119,6 @@ def build_stream(
 ) -> TaskStream:
     device = torch.device(device)
     kind = check_benchmark(cfg, scenario)
-    check_active_units(active_units, scenario)
     g = torch.Generator().manual_seed(int(seed))
     names = list(_get(cfg, "datasets", [])) if kind == "sequence" else [_get(cfg, "dataset", "digits")]
     if not names:
