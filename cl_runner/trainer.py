@@ -227,15 +227,22 @@ class Trainer:
             losses, penalties = self._train_task(data, self.optimizer, n_steps, device, t)
             ev.task_end(t, self.steps, losses, penalties)
             self.steps += n_steps
-            method.after_task(model, task)
-            self._check_after_task(t)
-            ev.consolidated(t, method)
-            row = evaluate(model, stream, t, self.eval_batch_size)
+            row = self._importance_and_row(t)
             self.matrix.append(row)
             ev.evaluated(t, row)
             if self.checkpoint is not None:
                 self.checkpoint(self.state_dict())
         return TrainResult(self.matrix, self.initial, self.steps, [task.name for task in stream])
+
+    def _importance_and_row(self, t: int) -> list[float]:
+        """After task t's training: the method's importance, then every task's test accuracy (row t of
+        the matrix). The importance after the last task is left out: only later tasks' penalties read
+        it (EWC's Fisher on permuted MNIST was 1 s of a 15 s run)."""
+        if t < len(self.stream) - 1:
+            self.method.after_task(self.model, self.stream[t])
+            self._check_after_task(t)
+            self.events.consolidated(t, self.method)
+        return evaluate(self.model, self.stream, t, self.eval_batch_size)
 
     def _check_after_task(self, t: int) -> None:
         """Cheap guards after an importance pass (one host sync per task)."""

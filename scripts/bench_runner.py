@@ -134,7 +134,7 @@ def whole_process(data_dir: str, device: str) -> tuple[float, float]:
     import json
 
     with tempfile.TemporaryDirectory() as folder:
-        cmd = [sys.executable, "-c", "from cl_runner.app import main; main()", *WHOLE]
+        cmd = [sys.executable, "-c", "from cl_runner.app import cli; cli()", *WHOLE]
         cmd += [f"data_dir={data_dir}", "download=false", f"device={device}", f"hydra.run.dir={folder}/run"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 ROOT = Path(__file__).resolve().parents[1]
-CL_RUN = [sys.executable, "-c", "from cl_runner.app import main; main()"]
+CL_RUN = [sys.executable, "-c", "from cl_runner.app import cli; cli()"]
 
 
 def compose_config(*overrides: str):

@@ -174,3 +174,29 @@ def test_finished_run_directory_is_refused_before_anything_is_written(finished_r
     proc = cl_run("seed=5", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "already holds finished results" in proc.stderr
     assert (out / ".hydra" / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "stderr"),
+    [(["method=nope"], 2, "error: method=nope is not a known method"), (["--help"], 0, "")],
+)
+def test_console_script_exits_quickly_with_the_exit_handlers_run(tmp_path, argv, code, stderr):
+    """`cl-run` (app.cli) skips the interpreter's teardown: same exit code and messages as main(),
+    the exit handlers (logging's flush among them) and buffered output still reach their files."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "from cl_runner import app\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "print('buffered', end='')\n"
+        f"sys.argv = ['cl-run', *{argv!r}]\n"
+        "app.cli()\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert stderr in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout.startswith("buffered") and proc.stdout.rstrip().endswith("exit handler ran")
+    assert "not reached" not in proc.stdout

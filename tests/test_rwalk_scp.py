@@ -154,6 +154,8 @@ def test_rwalk_in_the_trainer_uses_the_task_gradient_and_penalizes():
     stream = TaskStream("toy", "domain", tasks, 3, (4,))
     m = build_method("rwalk", 10.0, {})
     Trainer(model, m, stream, lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1), batch_size=16, epochs=2).run()
+    assert m.n_tasks == 1  # the trainer consolidates after each task but the last
+    m.after_task(model, tasks[1])  # what it would do after task 2 of a longer stream
     assert m.n_tasks == 2
     imp = m.importance()
     assert all(torch.isfinite(v).all() for v in imp.values())

@@ -17,7 +17,7 @@ from cl_runner.report import summary as sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # `cl-run` through the same interpreter (works whether or not the venv's bin/ is on PATH)
-CL_RUN = [sys.executable, "-c", "from cl_runner.app import main; main()"]
+CL_RUN = [sys.executable, "-c", "from cl_runner.app import cli; cli()"]
 
 
 def _needs(plugin: str, extra_name: str):

@@ -275,3 +275,48 @@ def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, o
     for i, m in enumerate(members):
         assert m.error is None, m.error
         assert m.result["status"] == "ok" and m.result["accuracy_matrix"] == ref[i]
+
+
+@pytest.mark.slow
+def test_vmap_members_importance_and_evaluation_run_on_the_coordinators_threads(tmp_path, compose_cfg, monkeypatch):
+    """forward=vmap: a member's thread computes on one CPU thread, so its importance pass and its
+    evaluation after each task run in the coordinator's thread, on the jobs' `threads`; the members'
+    stacked Adam is the fused CPU kernel; results stay those of separate runs to rounding."""
+    import threading
+
+    from cl_runner import app, stacked, trainer
+    from cl_runner.methods.ewc import EWC
+
+    cfgs = [compose_cfg(*SHORT, "method=ewc", f"lambda={v}", "threads=2") for v in (1, 1000)]
+    ref = [app.run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
+    where: dict[str, list] = {"after_task": [], "evaluate": [], "fused": []}
+
+    def spy(name, real):
+        def wrapped(*args, **kwargs):
+            where[name].append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(EWC, "after_task", spy("after_task", EWC.after_task))
+    monkeypatch.setattr(trainer, "evaluate", spy("evaluate", trainer.evaluate))
+    real_opt = stacked._stacked_optimizer
+
+    def record(*args):
+        opt = real_opt(*args)
+        where["fused"].append(opt.param_groups[0]["fused"])
+        return opt
+
+    monkeypatch.setattr(stacked, "_stacked_optimizer", record)
+    jobs = [lambda c=c, i=i: app.run_experiment(c, tmp_path / f"vec{i}") for i, c in enumerate(cfgs)]
+    group = stacked.Group("vmap", threads=2)
+    members = group.run(jobs)
+    assert group.trained_together == 3
+    # 2 members x 2 Fishers (none after the last task); evaluations after each of the 3 tasks
+    assert where["after_task"] == [(True, 2)] * 4
+    assert sorted(where["evaluate"]) == [(False, 1)] * 2 + [(True, 2)] * 6  # the initial ones: member threads
+    assert where["fused"] == [True] * 3
+    for i, m in enumerate(members):
+        assert m.error is None, m.error
+        got = m.result["accuracy_matrix"]
+        assert max(abs(a - b) for ra, rb in zip(ref[i], got, strict=True) for a, b in zip(ra, rb, strict=True)) <= 0.05

@@ -17,7 +17,8 @@ The trainer calls, once, ``method.setup(model, stream, seed)``, then for every t
         method.add_penalty_grad(model)              # .grad += ∇(λ·penalty); returns λ·penalty
         optimizer.step()
         method.after_step(model, batch)             # e.g. SI's path integral, a memory update
-    method.after_task(model, task)                  # importance, anchors
+    method.after_task(model, task)                  # importance, anchors: for the next tasks, so
+                                                    # not called after the stream's last task
 
 Who may change what: ``training_batch`` returns a new :class:`Batch` and must not modify the tensors
 of the one it was given (they are views of the task's data); ``loss`` and ``after_step`` read the
@@ -145,7 +146,8 @@ class Method:
         pass
 
     def after_task(self, model: nn.Module, task: Task) -> None:
-        pass
+        """End of a task: what the next tasks' training needs (importance, anchors, memory). Not called
+        after the stream's last task, which no later penalty reads."""
 
     def importance(self) -> dict[str, Tensor]:
         """Per-parameter importance of the latest consolidation (for histograms); empty if none."""
