@@ -92,7 +92,7 @@ class _Request:
 @dataclass
 class _Call:
     """A member's request to run ``fn`` in the coordinator's thread (its importance pass and evaluation
-    after a task under ``vmap``): there it computes on the jobs' CPU threads, not the member thread's one."""
+    after a task): there it computes on the jobs' CPU threads, not the member thread's one."""
 
     fn: Callable[[], Any]
 
@@ -232,8 +232,10 @@ class Group:
                 responses: list[Any] = [KeyboardInterrupt()] * len(part)
             else:
                 try:
-                    call = isinstance(part[0].request, _Call)
-                    responses = [_own_call(part[0], self)] if call else self._train(part)
+                    if isinstance(part[0].request, _Call):  # one member's importance pass and evaluation
+                        responses = [_as_member(self, part[0], part[0].request.fn)]
+                    else:
+                        responses = self._train(part)
                 except KeyboardInterrupt:
                     self.interrupted = True
                     responses = [KeyboardInterrupt()] * len(part)
@@ -264,26 +266,21 @@ class Group:
         return _train_together(reqs)
 
 
-def _own_call(m: _Member, group: Group) -> Any:
-    """A member's :class:`_Call`, in the coordinator's thread with the member's global RNG state."""
+def _as_member(group: Group, m: _Member, fn: Callable[[], Any]) -> Any:
+    """``fn()`` in the coordinator's thread with member ``m``'s global RNG state (saved back after);
+    an exception it raises (Diverged and the like) is returned, for the member to raise."""
     group._load_rng(m)
     try:
-        return m.request.fn()
-    except Exception as e:  # noqa: BLE001 - Diverged (non-finite importance) and the like go back to the member
+        return fn()
+    except Exception as e:  # noqa: BLE001 - handed back to the member
         return e
     finally:
         group._save_rng(m)
 
 
 def _own_train_task(r: _Request, group: Group, m: _Member) -> Any:
-    """A member alone at its task: the trainer's own loop, with the member's global RNG state."""
-    group._load_rng(m)
-    try:
-        return _Trainer._train_task(r.trainer, r.data, r.optimizer, r.n_steps, r.device, r.t)
-    except Exception as e:  # noqa: BLE001 - Diverged and the like go back to the member
-        return e
-    finally:
-        group._save_rng(m)
+    """A member alone at its task: the trainer's own loop."""
+    return _as_member(group, m, lambda: _Trainer._train_task(r.trainer, r.data, r.optimizer, r.n_steps, r.device, r.t))
 
 
 def _epochs(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[Tensor]:
