@@ -360,7 +360,7 @@ def _train_together(reqs: list[_Request]) -> list[Any]:
     from torch.func import functional_call, vmap
 
     from cl_runner.methods.base import Batch
-    from cl_runner.trainer import Diverged, task_loss
+    from cl_runner.trainer import Diverged
 
     n, n_steps, device = len(reqs), reqs[0].n_steps, reqs[0].device
     trainers = [r.trainer for r in reqs]
@@ -418,7 +418,7 @@ def _train_together(reqs: list[_Request]) -> list[Any]:
             per = per.view(n, -1).mean(1)
             step_losses = {k: per[k] for k in alive}
         else:
-            step_losses = {k: task_loss(logits[k], batch[k].y, batch[k].units, batch[k].sample_units) for k in alive}
+            step_losses = {k: trainers[k].method.task_loss(batch[k], logits[k]) for k in alive}
         for k in alive:
             extra = trainers[k].method.loss(batch[k], logits[k])
             if extra is not None:

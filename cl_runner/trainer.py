@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cl_runner.build import options, partial, unknown_options
 from cl_runner.data.stream import TaskStream, batch_indices
-from cl_runner.methods.base import Batch, Method, TrainingData
+from cl_runner.methods.base import Batch, Method, TrainingData, cross_entropy
 
 
 def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torch.optim.Optimizer]:
@@ -40,14 +40,8 @@ def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torc
     return lambda m: make(m.parameters(), lr=lr, weight_decay=wd)
 
 
-def task_loss(logits: Tensor, y: Tensor, units: tuple[int, int], sample_units: Tensor | None = None) -> Tensor:
-    """Cross-entropy over the active output units only (multi-head slice / seen-class mask)."""
-    if sample_units is None:
-        lo, hi = units
-        return F.cross_entropy(logits[:, lo:hi], y - lo)
-    unit = torch.arange(logits.shape[1], device=logits.device)
-    active = (unit >= sample_units[:, :1]) & (unit < sample_units[:, 1:])
-    return F.cross_entropy(logits.masked_fill(~active, float("-inf")), y)
+#: the default task loss (:meth:`Method.task_loss`): cross-entropy over the active units
+task_loss = cross_entropy
 
 
 def evaluate(model: nn.Module, stream: TaskStream, trained: int, batch_size: int = 1024) -> list[float]:
@@ -242,7 +236,7 @@ class Trainer:
             self.method.after_task(self.model, self.stream[t])
             self._check_after_task(t)
             self.events.consolidated(t, self.method)
-        return evaluate(self.model, self.stream, t, self.eval_batch_size)
+        return evaluate(self.method.evaluator(self.model, t), self.stream, t, self.eval_batch_size)
 
     def _check_after_task(self, t: int) -> None:
         """Cheap guards after an importance pass (one host sync per task)."""
@@ -283,7 +277,8 @@ class Trainer:
                     break
             epoch += 1  # a pass over the task's data ended (or the task's last step, with `iterations`)
             if self.eval_every == "epoch":
-                accs, test_losses = evaluate_with_loss(model, self.stream, t, self.eval_batch_size)
+                scorer = self.method.evaluator(model, t)
+                accs, test_losses = evaluate_with_loss(scorer, self.stream, t, self.eval_batch_size)
                 self.events.epoch_evaluated(t, epoch, self.steps + step, accs, test_losses)
         return losses.tolist(), penalties.tolist()
 
@@ -296,7 +291,7 @@ class Trainer:
         batch = method.training_batch(Batch(data.x[idx], data.y[idx], data.units, su, t))
         optimizer.zero_grad(set_to_none=True)
         logits = self.model(batch.x)
-        loss = task_loss(logits, batch.y, batch.units, batch.sample_units)
+        loss = method.task_loss(batch, logits)
         extra = method.loss(batch, logits)
         if extra is not None:
             loss = loss + extra

@@ -19,6 +19,8 @@ The trainer calls, once, ``method.setup(model, stream, seed)``, then for every t
         method.after_step(model, batch)             # e.g. SI's path integral, a memory update
     method.after_task(model, task)                  # importance, anchors: for the next tasks, so
                                                     # not called after the stream's last task
+    scorer = method.evaluator(model, t)             # what the accuracy matrix tests (default: the
+                                                    # model; iCaRL: nearest mean of exemplars)
 
 Who may change what: ``training_batch`` returns a new :class:`Batch` and must not modify the tensors
 of the one it was given (they are views of the task's data); ``loss`` and ``after_step`` read the
@@ -42,6 +44,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
@@ -135,6 +139,12 @@ class Method:
         """What to train on this step: the drawn batch, or a new one built from it."""
         return batch
 
+    def task_loss(self, batch: Batch, logits: Tensor) -> Tensor:
+        """The loss the step trains on before :meth:`loss`'s extra term: by default the cross-entropy
+        over each sample's active units (:func:`cross_entropy`). A method that trains on another
+        objective (iCaRL's binary cross-entropy, DER's loss on the current samples only) overrides it."""
+        return cross_entropy(logits, batch.y, batch.units, batch.sample_units)
+
     def loss(self, batch: Batch, logits: Tensor) -> Tensor | None:
         """An extra loss term (without λ) given the batch and the model's logits on it, or None."""
         return None
@@ -149,6 +159,14 @@ class Method:
         """End of a task: what the next tasks' training needs (importance, anchors, memory). Not called
         after the stream's last task, which no later penalty reads."""
 
+    def evaluator(self, model: nn.Module, trained: int) -> nn.Module:
+        """What the test accuracies after training task ``trained`` are measured with: a module whose
+        output has one score per output unit (the argmax over the active units is the prediction).
+        By default the model itself; iCaRL returns its nearest-mean-of-exemplars classifier, GDumb a
+        model trained from scratch on its memory. Called after every task (the last one too) and,
+        with ``eval_every: epoch``, after every epoch; it must leave ``model`` as it found it."""
+        return model
+
     def importance(self) -> dict[str, Tensor]:
         """Per-parameter importance of the latest consolidation (for histograms); empty if none."""
         return {}
@@ -157,6 +175,17 @@ class Method:
         """Tag → 2-D picture in [0, 1] of the latest consolidation's curvature (e.g. a dense or KFAC
         Fisher, logged to TensorBoard after each task); empty if none."""
         return {}
+
+
+def cross_entropy(logits: Tensor, y: Tensor, units: tuple[int, int], sample_units: Tensor | None = None) -> Tensor:
+    """Cross-entropy over the active output units only (multi-head slice / seen-class mask); with
+    ``sample_units`` (n, 2) each sample's own range."""
+    if sample_units is None:
+        lo, hi = units
+        return F.cross_entropy(logits[:, lo:hi], y - lo)
+    unit = torch.arange(logits.shape[1], device=logits.device)
+    active = (unit >= sample_units[:, :1]) & (unit < sample_units[:, 1:])
+    return F.cross_entropy(logits.masked_fill(~active, float("-inf")), y)
 
 
 @contextlib.contextmanager
