@@ -21,6 +21,14 @@ TITLES = dict(
     acc="ACC", bwt="BWT", fwt="FWT", forgetting="forgetting", learning_accuracy="LA", intransigence="intransigence"
 )
 STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
+#: a run folder whose metrics.json has one of these statuses is never run again nor overwritten; every
+#: other status (interrupted, failed, cancelled, timeout) is resumed by the same command
+FINAL = ("ok", "diverged")
+#: the scenarios (README: Scenarios); class-IL's active units: the seen-class mask, or the whole head
+SCENARIOS = ("task", "domain", "class")
+ACTIVE_UNITS = ("seen", "all")
+#: when the trainer tests every task: after each task, or also after every epoch (curves)
+EVAL_EVERY = ("task", "epoch")
 #: identity field → its path in the composed config (``experiment``: Hydra's choice of that group)
 IDENTITY = {
     "method": "method.name",

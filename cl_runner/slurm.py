@@ -15,17 +15,15 @@ No torch or submitit import at module level: Hydra imports the plugin at every s
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-#: statuses a run writes itself and the launcher never replaces (``interrupted`` is relabelled when
-#: Slurm says why: cancelled or timeout)
-RUN_STATUSES = ("ok", "failed", "diverged")
-LAUNCHER_STATUSES = ("cancelled", "timeout")
+#: the one status the launcher relabels when Slurm says why a job stopped (cancelled or timeout);
+#: every other recorded status is kept
+RELABELLED = "interrupted"
 
 # sbatch's message (lower case) → the launcher keys that decide it
 _SBATCH_KEYS = (
@@ -152,7 +150,9 @@ def outcome(state: str | None, recorded: str | None) -> str | None:
     ``interrupted`` run under any other state (preempted, signalled) stays resumable as it is; a job
     that ended without any metrics.json otherwise failed (crash, out of memory, node failure).
     """
-    if recorded in RUN_STATUSES or recorded in LAUNCHER_STATUSES:
+    from cl_runner.schema import STATUSES
+
+    if recorded in STATUSES and recorded not in (RELABELLED, "missing"):
         return None
     word = first_word(state)
     if word == "CANCELLED":
@@ -164,71 +164,54 @@ def outcome(state: str | None, recorded: str | None) -> str | None:
     return "failed"
 
 
-def read_metrics(out_dir: Path) -> dict[str, Any] | None:
+def _checkpoint_progress(out_dir: Path):
+    """Finished rows from the run's per-task checkpoint (read safely, as a resume reads it), for a
+    job killed before it could write metrics.json; None when there is none or it cannot be read."""
+    from cl_runner.record import Progress
+    from cl_runner.runfiles import CheckpointError, checkpoint_path, load_checkpoint
+
     try:
-        data = json.loads((Path(out_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
+        state = (load_checkpoint(checkpoint_path(out_dir), "cpu") or {}).get("trainer")
+    except CheckpointError:
         return None
-    return data if isinstance(data, dict) else None
-
-
-def _checkpoint_rows(out_dir: Path) -> dict[str, Any]:
-    """Finished rows from the run's per-task checkpoint (``checkpoint.pt``: {"trainer": {"matrix",
-    "initial", "tasks_done", ...}}), for a job killed before it could write metrics.json."""
-    path = Path(out_dir) / "checkpoint.pt"
-    if not path.is_file():
-        return {}
-    try:
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
-        return {
-            "accuracy_matrix": [list(r) for r in state["matrix"]],
-            "initial_accuracy": list(state["initial"]),
-            "tasks_done": int(state["tasks_done"]),
-        }
-    except Exception:  # noqa: BLE001 - rows are a bonus; the status is what must be written
-        return {}
+    if not state:
+        return None
+    return Progress(list(state["initial"]), [list(r) for r in state["matrix"]], [], state.get("steps"))
 
 
 def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[str, Any]:
-    """Write ``status`` (cancelled / timeout / failed) into ``out_dir/metrics.json`` with the project's
-    writer: over an ``interrupted`` result it keeps the run's fields and finished rows; with no result
-    it writes the identity fields like ``cl_runner.app.record_failure`` (the folder is created for a
-    job that never started), plus the rows of ``checkpoint.pt`` when there is one."""
-    from cl_runner import schema
-    from cl_runner.report.files import write_result_files
+    """Write ``status`` (cancelled / timeout / failed) into ``out_dir/metrics.json`` through the run
+    record (:mod:`cl_runner.record`): over an ``interrupted`` record it keeps the run's fields and
+    finished rows; with none it records the identity fields (the folder is created for a job that never
+    started), with the rows of ``checkpoint.pt`` when there is one."""
+    from cl_runner import record, schema
 
     out_dir = Path(out_dir)
-    previous = read_metrics(out_dir)
-    if previous is not None and previous.get("status") != "interrupted":
+    previous = record.read(out_dir)
+    if previous is not None and previous.get("status") != RELABELLED:
         return previous  # ok / failed / diverged / already labelled: never replaced
     if previous is not None:
-        result = {**previous, "status": status, "error": message}
+        result = record.relabel(previous, status, message)
     else:
         try:
             experiment = cfg.hydra.runtime.choices.get("experiment")
         except Exception:  # noqa: BLE001 - a config without Hydra's node (tests)
             experiment = None
-        result = {"status": status, "error": message, **schema.identity(cfg, experiment)}
-        result.update(dict.fromkeys((*schema.METRICS, "wall_time_s")))
-        rows = _checkpoint_rows(out_dir)
-        if rows:
-            result.update(rows)
-            try:
-                result["task_names"] = [f"task_{j + 1}" for j in range(len(rows["initial_accuracy"]))]
-            except Exception:  # noqa: BLE001
-                pass
-    write_result_files(out_dir, result)
+        progress = _checkpoint_progress(out_dir)
+        result = record.build(status, schema.identity(cfg, experiment), error=message, progress=progress)
+    record.write(out_dir, result)
     return result
 
 
 def finished_tasks(out_dir: Path) -> int | None:
     """How many tasks the job finished and saved (metrics.json's tasks_done, else checkpoint.pt's)."""
-    data = read_metrics(out_dir)
+    from cl_runner import record
+
+    data = record.read(out_dir)
     if data is not None and data.get("tasks_done") is not None:
         return int(data["tasks_done"])
-    return _checkpoint_rows(out_dir).get("tasks_done")
+    progress = _checkpoint_progress(out_dir)
+    return None if progress is None else len(progress.matrix)
 
 
 def outcome_message(

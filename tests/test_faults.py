@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import CL_RUN, cl_run, compose_config, defaults
 
-from cl_runner.app import main, run_experiment
-from cl_runner.report.files import read_matrix_csv
+from cl_runner.app import main
+from cl_runner.record import read_matrix_csv
+from cl_runner.run import run_experiment
 
 # long enough to be interrupted between tasks (5 tasks of ~1–2 s each on one thread)
 LONG = ["benchmark=split_digits", "epochs=30", "threads=1"]

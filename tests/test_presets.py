@@ -178,7 +178,7 @@ SHORT = [
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     methods = preset_methods(preset)
     assert len(methods) > 1

@@ -245,7 +245,7 @@ def test_bad_options_name_the_key(name, options, message):
 
 def _mean_bwt(root, *overrides) -> float:
     """Mean BWT of the default run over seeds 0–2 with ``overrides``."""
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     values = []
     for seed in (0, 1, 2):

@@ -343,9 +343,14 @@ class TensorBoardLogger(TrainerEvents):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        # purge_step (a resumed run: the optimizer step of its checkpoint) hides the events an earlier,
-        # interrupted attempt wrote from that step on, so curves are not drawn twice
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        # purge_step (a resumed run: the optimizer step of its checkpoint + 1) hides the events an
+        # earlier, interrupted attempt wrote after its checkpoint, so curves are not drawn twice
+        self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        # events are held until commit() (at each checkpoint, and at the end): after a kill -9 the event
+        # files hold exactly what the checkpoint holds. (Handed to the writer at once, events reached the
+        # files whenever its queue or file buffer filled: a task's first loss, logged at the step of the
+        # checkpoint before it, then survived a kill -9 after that task and appeared twice on resume.)
+        self.writer = _Held(self._writer)
         self.log_every = max(1, int(log_every))
         self.trial = trial or f"{self.log_dir.name} ({self.log_dir.parent.name})"
         self.step = max(0, (purge_step or 1) - 1)  # optimizer steps taken so far
@@ -404,5 +409,32 @@ class TensorBoardLogger(TrainerEvents):
     def failed(self, hparams: dict[str, Any], status: str = "failed") -> None:
         self._hparams(hparams, {}, status)
 
+    def commit(self) -> None:
+        """Hand the held events to the event file and flush it (before a checkpoint is saved)."""
+        self.writer.commit()
+        self._writer.flush()
+
     def close(self) -> None:
-        self.writer.close()
+        self.writer.commit()
+        self._writer.close()
+
+
+class _Held:
+    """A SummaryWriter's ``add_*`` calls, held until :meth:`commit` replays them in order."""
+
+    def __init__(self, writer: Any):
+        self._target, self._calls = writer, []
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("add_"):
+            return getattr(self._target, name)
+
+        def held(*args: Any, **kwargs: Any) -> None:
+            self._calls.append((name, args, kwargs))
+
+        return held
+
+    def commit(self) -> None:
+        calls, self._calls = self._calls, []
+        for name, args, kwargs in calls:
+            getattr(self._target, name)(*args, **kwargs)

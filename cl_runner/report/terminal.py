@@ -86,3 +86,21 @@ class ConsoleLogger(TrainerEvents):
         status = (result or {}).get("status", "ok")
         self.console.print(f"results ({status}): {self.run_dir}", highlight=False, soft_wrap=True)
         self.console.print(f"  tensorboard --logdir {self.run_dir}", highlight=False, soft_wrap=True)
+
+
+class Quiet(Fanout):
+    """Every event to every target, but the console draws no progress bars (the members of a stacked
+    sweep group: several members would draw several live bars at once)."""
+
+    def __init__(self, *targets: TrainerEvents):
+        super().__init__(*targets)
+        self.loud = Fanout(*[x for x in targets if not isinstance(x, ConsoleLogger)])
+
+    def task_start(self, *args: Any) -> None:
+        self.loud.task_start(*args)
+
+    def progress(self, *args: Any) -> None:
+        self.loud.progress(*args)
+
+    def task_end(self, *args: Any) -> None:
+        self.loud.task_end(*args)

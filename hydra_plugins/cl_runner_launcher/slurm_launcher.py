@@ -290,13 +290,13 @@ if SlurmLauncher is not None:
 
         def _record(self, jobs, jobs_cfg, states: dict[str, str], params: dict) -> None:
             """Record cancelled / timeout / failed in the folders of jobs that did not end with a final status."""
-            from cl_runner import slurm
+            from cl_runner import record, slurm
 
             for job, (cfg, out_dir) in zip(jobs, jobs_cfg, strict=True):
                 if job.job_id not in states or first_word(states[job.job_id] or "") in _LIVE:
                     continue  # still in the queue (Ctrl-C and a slow scancel) or not yet in the accounts
                 state = states[job.job_id]
-                status = slurm.outcome(state, (slurm.read_metrics(out_dir) or {}).get("status"))
+                status = slurm.outcome(state, (record.read(out_dir) or {}).get("status"))
                 if status is None:
                     continue  # the run wrote a final status itself
                 message = slurm.outcome_message(
