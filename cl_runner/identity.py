@@ -115,10 +115,36 @@ def sweep_jobs(multirun_yaml: str | Path) -> list[list[str]] | None:
         if not isinstance(task, list) or not isinstance(params, dict):  # not a multirun.yaml written by Hydra
             return None
         lines = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
-        batches = BasicSweeper.split_arguments(parse_overrides(lines), None)
+        parsed = parse_overrides(lines)
+        if _job_count(parsed) > MAX_SWEEP_JOBS:  # `seed=range(0,1000000000)` would fill the memory
+            return None
+        batches = BasicSweeper.split_arguments(parsed, None)
         return [list(job) for batch in batches for job in batch]
     except Exception:  # a glob over config groups needs a config loader; other sweepers: unknown
         return None
+
+
+#: a multirun.yaml that expands to more jobs than this is not expanded (a folder from elsewhere must not
+#: make the summary allocate without bound)
+MAX_SWEEP_JOBS = 1_000_000
+
+
+def _job_count(overrides: list) -> float:
+    """How many jobs the basic sweeper would make of ``overrides``, without expanding them."""
+    import math
+
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    count = 1.0
+    for o in overrides:
+        if not o.is_sweep_override():
+            continue
+        sweep = o.value()
+        if isinstance(sweep, ChoiceSweep):
+            count *= len(sweep.list)
+        elif isinstance(sweep, RangeSweep) and sweep.step:
+            count *= max(0, math.ceil((sweep.stop - sweep.start) / sweep.step))
+    return count
 
 
 def _key_value(override) -> tuple[str, str]:

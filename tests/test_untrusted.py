@@ -208,6 +208,15 @@ def test_cl_run_summary_never_resolves_a_folders_interpolations(tmp_path, spy, m
     assert SECRET not in text and "SPIED" not in text and spy == []
 
 
+def test_a_sweep_too_large_to_expand_is_not_expanded(tmp_path):
+    from cl_runner.identity import sweep_jobs
+
+    for task, jobs in ((["seed=range(0,1000000000)", "lambda=1,2"], None), (["seed=range(0,10,3)", "lambda=1,2"], 8)):
+        (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+        found = sweep_jobs(tmp_path / "multirun.yaml")
+        assert (found if found is None else len(found)) == jobs
+
+
 def test_saved_config_references_are_followed_but_bounded(tmp_path, spy):
     from cl_runner.identity import read_saved
 
@@ -217,6 +226,11 @@ def test_saved_config_references_are_followed_but_bounded(tmp_path, spy):
     )
     data = read_saved(path)
     assert (data["a"], data["b"], data["c"]["loop"], data["e"], data["f"]) == (7, 7, "${c.loop}", "x${b}", "${.a}")
+    aliases = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"  # ten levels of ten aliases: 10^10 values
+    aliases += "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+    path.write_text(aliases)
+    with pytest.raises(ValueError, match="more than"):
+        read_saved(path)
     path.write_text("!!python/object/apply:os.system ['touch pwned']\n")  # YAML tags: a safe loader
     with pytest.raises(Exception):  # noqa: B017, PT011 - whichever error, no code runs
         read_saved(path)
