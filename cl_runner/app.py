@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from cl_runner import record
+from cl_runner.identity import read_saved, select_saved
 from cl_runner.runfiles import CONFIG, CheckpointError, check_not_busy, flatten, write_atomic
 
 CONFIG_MODULE = "cl_runner.configs"
@@ -270,7 +271,7 @@ def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
         return
     saved = folder / "multirun.yaml"
     if saved.is_file():
-        before = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
+        before = select_saved(read_saved(saved), "hydra.overrides.task") or []  # read, never resolved
         if sorted(map(str, before)) != sorted(overrides):
             raise UsageError(
                 f"hydra.sweep.dir={folder} holds another sweep ({' '.join(map(str, before))}); run that sweep's "

@@ -8,7 +8,9 @@ hydra-submitit-launcher, as plain functions (the plugin is ``hydra_plugins/cl_ru
   to record (``cancelled`` / ``timeout`` / ``failed``), or None to keep what the run wrote.
 - :func:`record_outcome`: writes that status into the job folder (creating it for a job cancelled
   while pending), keeping the finished rows the run saved (``metrics.json`` or ``checkpoint.pt``).
-- :func:`job_name`, :func:`default_mem_gb`: names shown in squeue/sacct, memory from the benchmark.
+- :func:`job_name`, :func:`safe_name`, :func:`default_mem_gb`: names shown in squeue/sacct (a safe
+  character set, bounded length: a name is a line of the job's sbatch script), memory from the benchmark.
+- :func:`script_problem`: a launcher setting that would break out of its ``#SBATCH`` line → one line.
 
 No torch or submitit import at module level: Hydra imports the plugin at every start.
 """
@@ -253,9 +255,23 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def job_name(overrides: Iterable[str], default_method: str | None = None, limit: int = 80) -> str:
-    """``cl-run:<method>:<other overrides>`` (shortened to ``limit`` characters) from a job's or a
-    sweep's overrides, e.g. ``cl-run:ewc:lambda=100,seed=1``; hydra.* and path keys are left out."""
+#: the characters a job name keeps; every other one becomes "_"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._:=,+@-]")
+NAME_LIMIT = 80
+
+
+def safe_name(text: Any, limit: int = NAME_LIMIT) -> str:
+    """``text`` as a Slurm job name: letters, digits and ``. _ : = , + @ -`` only (anything else, a
+    space, quote, ``$``, a line break, becomes ``_``), at most ``limit`` characters (``...`` marks a
+    cut). A job name is written into the job's sbatch script (``#SBATCH --job-name=…``: a line break
+    in it would start a shell line of the script) and passed to ``scontrol update JobName=``."""
+    return _short(_UNSAFE_NAME.sub("_", str(text)), limit) or "cl-run"
+
+
+def job_name(overrides: Iterable[str], default_method: str | None = None, limit: int = NAME_LIMIT) -> str:
+    """``cl-run:<method>:<other overrides>`` from a job's or a sweep's overrides, e.g.
+    ``cl-run:ewc:lambda=100,seed=1``; hydra.* and path keys are left out; made safe and shortened to
+    ``limit`` characters by :func:`safe_name` (override values are anything the command line holds)."""
     method, rest = default_method, []
     for o in overrides:
         key, _, value = str(o).lstrip("+~").partition("=")
@@ -263,7 +279,49 @@ def job_name(overrides: Iterable[str], default_method: str | None = None, limit:
             method = value
         elif not key.startswith("hydra") and key not in ("data_dir", "download", "device"):
             rest.append(f"{key}={value}")
-    return _short(f"cl-run:{method or '?'}:{','.join(rest)}".rstrip(":"), limit)
+    return safe_name(f"cl-run:{method or '?'}:{','.join(rest)}".rstrip(":"), limit)
+
+
+#: launcher settings that are shell lines of the sbatch script by design (the user's own commands)
+_SHELL_LINES = ("setup", "teardown")
+#: launcher settings that never reach the script (cl-runner's own)
+_NOT_IN_SCRIPT = ("poll_s", "_target_")
+
+
+def script_problem(params: Mapping[str, Any]) -> str | None:
+    """One line (without ``error: ``) naming the first launcher setting whose text would break out of
+    its line of the sbatch script, else None. submitit writes each setting as ``#SBATCH --key=value``
+    (``shlex.quote``: safe on one line, but a line break ends the comment and the rest of the value
+    becomes a shell command) and ``submitit_folder`` (from ``hydra.sweep.dir``) as ``--output`` /
+    ``--error``; ``additional_parameters`` adds one line per key. So every string in them, keys
+    included, must be free of line breaks and other control characters; a path or a partition
+    cannot be made safe by replacing characters, so it is refused rather than changed. ``setup`` and
+    ``teardown`` are shell lines by design (the user's own config) and not checked; ``name`` is
+    made safe by :func:`safe_name`."""
+    for key, value in params.items():
+        if key in _SHELL_LINES or key in _NOT_IN_SCRIPT:
+            continue
+        for where, text in _strings(str(key), value):
+            bad = next((c for c in text if not c.isprintable()), None)
+            if bad is not None:
+                return (
+                    f"hydra.launcher.{where} must not hold a line break or another control character "
+                    f"({bad!r}: it would end its #SBATCH line in the job script), got {text!r}"
+                )
+    return None
+
+
+def _strings(where: str, value: Any):
+    """(key path, text) for every string in ``value``: mapping keys and values, list items."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield where, str(k)
+            yield from _strings(f"{where}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(f"{where}[{i}]", v)
+    elif isinstance(value, str):
+        yield where, value
 
 
 #: GB per job by benchmark, from measured peaks on CPU (split_digits 0.9 GB, split_mnist 1.1 GB) with

@@ -3,7 +3,9 @@ tradeoff.png and the TensorBoard run ``summary``, and the same tables in the ter
 
 Everything is read back from the job folders and the sweep's ``multirun.yaml``, never from the
 launcher's return values, so the summary is the same under every launcher and ``cl-run-summary``
-rebuilds it for a finished, partial or interrupted sweep. ``missing`` = a job with no metrics.json,
+rebuilds it for a finished, partial or interrupted sweep. A sweep folder may come from elsewhere:
+its saved configs are read with :func:`cl_runner.identity.read_saved` (no resolver runs, ``${…}``
+stays text) and its texts are printed without rich markup. ``missing`` = a job with no metrics.json,
 including jobs of ``multirun.yaml`` that have no folder at all.
 
 Grouping: a setting is every identifying value of a job (:data:`cl_runner.schema.IDENTITY`) except
@@ -27,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
 
-from cl_runner.identity import job_dirname, parse_overrides, sweep_jobs, varying_keys
+from cl_runner.identity import job_dirname, parse_overrides, read_saved, select_saved, sweep_jobs, varying_keys
 from cl_runner.runfiles import write_atomic
 from cl_runner.schema import (
     IDENTITY,
@@ -43,6 +44,7 @@ from cl_runner.schema import (
     pct,
     pct_pm,
     plain,
+    printable,
 )
 
 GROUP_FIELDS = (*(k for k in IDENTITY if k != "seed"), "method_options", "other")
@@ -74,7 +76,9 @@ def _job_num(name: str) -> float:
 def _read_overrides(job: Path) -> list[str]:
     path = job / ".hydra" / "overrides.yaml"
     with contextlib.suppress(Exception):
-        return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]
+        saved = read_saved(path) or []  # never resolved: the folder may come from elsewhere
+        if isinstance(saved, list):
+            return [str(o) for o in saved]
     # no .hydra: the folder name is "<num>_<overrides>" (a best effort: values with commas split)
     m = re.match(r"\d+_(.*)$", job.name)
     return [o for o in m.group(1).split(",") if "=" in o] if m else []
@@ -90,7 +94,8 @@ def _identity_from_config(job: Path | None, overrides: list[str]) -> dict[str, A
     ident: dict[str, Any] = {}
     if job is not None and (job / ".hydra" / "config.yaml").is_file():
         with contextlib.suppress(Exception):
-            ident = identity(OmegaConf.load(job / ".hydra" / "config.yaml"))
+            saved = read_saved(job / ".hydra" / "config.yaml")  # plain data: nothing resolved or evaluated
+            ident = identity(saved) if isinstance(saved, dict) else {}
     try:  # fill what config.yaml did not give, with the values typed as Hydra types them
         for o in parse_overrides(overrides):
             if o.key_or_group in IDENTITY and ident.get(o.key_or_group) is None:
@@ -182,9 +187,9 @@ def _never_started(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str
 
 def _excluded_keys(multirun_yaml: Path) -> set[str]:
     with contextlib.suppress(Exception):
-        return set(
-            OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or []
-        )
+        keys = select_saved(read_saved(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys")
+        if isinstance(keys, list):
+            return {str(k) for k in keys}
     return set()
 
 
@@ -525,31 +530,38 @@ def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
 
 
 def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep summary") -> None:
-    """The per-job table (and the mean ± std table when some setting has several seeds) with rich."""
+    """The per-job table (and the mean ± std table when some setting has several seeds) with rich.
+    Every cell, header and error line is a ``rich.text.Text`` of :func:`printable` text: errors,
+    overrides, job and folder names come from files and are printed as they are, never read as rich
+    markup (``[/red]`` in an error text raised, and a sweep lost its exit status) or as terminal
+    control sequences."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if console is None:
-        console = Console()
+        console = Console(markup=False, highlight=False)
         if not console.is_terminal:  # pipes and logs: rich would squeeze the tables into 80 columns
-            console = Console(width=160)
+            console = Console(width=160, markup=False, highlight=False)
     style = {"ok": "green", "failed": "bold red", "diverged": "bold red"}  # other statuses: yellow
 
     def table(title: str, cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> Table:
-        t = Table(title=title)
+        t = Table(title=Text(printable(title)))
         for name, _ in cols:
             right = name.endswith("%") or name in ("#", "seed", "λ", "time s", "ok / jobs")
-            t.add_column(name, justify="right" if right else "left")
+            t.add_column(Text(printable(name)), justify="right" if right else "left")
         for it in items:
-            t.add_row(*[f(it) for _, f in cols])
+            t.add_row(*[c if isinstance(c, Text) else Text(printable(c)) for c in (f(it) for _, f in cols)])
         return t
 
+    def status_cell(r: dict[str, Any]) -> Text:
+        return Text(printable(r.get("status", "")), style=style.get(r.get("status"), "yellow"))
+
     cols = _job_columns(rows, with_job=False)
-    status = ("status", lambda r: f"[{style.get(r.get('status'), 'yellow')}]{r.get('status', '')}[/]")
-    console.print(table(f"{title}: {_counts(rows)}", [*cols[:-1], status], rows))
+    console.print(table(f"{title}: {_counts(rows)}", [*cols[:-1], ("status", status_cell)], rows))
     for r in rows:
         if r.get("status") != "ok" and r.get("error"):
-            console.print(f"[red]{r['job']}[/]: {r['error']}", markup=True, highlight=False)
+            console.print(Text.assemble((printable(r["job"]), "red"), ": ", printable(r["error"])), highlight=False)
     if has_repeats(rows):
         groups = group(rows)
         console.print(table("Mean ± std over seeds (ok jobs; sample std)", _group_columns(groups, rows), groups))
@@ -561,37 +573,39 @@ def summarize(
     """collect → write_summary → print_summary; the last lines printed name the summary's path."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir, joint_dirs)
-    csv_path, md_path = write_summary(sweep_dir, rows, figure=figure)
+    report(sweep_dir, rows, console, quiet, figure)
+    return rows
+
+
+def report(sweep_dir: Path, rows: list[dict[str, Any]], console=None, quiet: bool = False, figure: bool = True) -> None:
+    """write_summary, then (unless ``quiet``) print_summary and the summary's path."""
+    _, md_path = write_summary(sweep_dir, rows, figure=figure)
     if not quiet:
         print_summary(rows, console)
         also = ["summary.csv"] + [p for p in ("summary_grouped.csv", "tradeoff.png") if (sweep_dir / p).exists()]
         print(f"summary: {md_path.resolve()} (also {', '.join(also)})")
         print(f"  tensorboard --logdir {sweep_dir.resolve()}")
-    return rows
-
-
-# The rows of the last summary the callback built in this process (None: none built), so that
-# ``cl-run`` can end a multirun with ``sys.exit(sweep_status(LAST_ROWS))``.
-LAST_ROWS: list[dict[str, Any]] | None = None
 
 
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, summarize ``hydra.sweep.dir`` from the files on
     disk (works for any launcher). Never raises: a broken summary must not hide the results. The
-    rows are kept in ``self.rows`` and the module's ``LAST_ROWS`` (for the multirun's exit code,
-    :func:`sweep_status`)."""
+    rows are kept in ``self.rows`` as soon as they are collected, before anything is written or
+    printed. (cl-run's exit code for a multirun is :func:`sweep_status` of the job folders, read by
+    ``cl_runner.app.main`` once the sweep has ended: a summary that cannot be written or printed never
+    changes it.)"""
 
     rows: list[dict[str, Any]] | None = None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        global LAST_ROWS
-        LAST_ROWS = None
+        self.rows = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if not sweep_dir.is_dir():
                 print(f"summary: sweep directory {sweep_dir} does not exist; nothing to summarize", file=sys.stderr)
                 return
-            self.rows = LAST_ROWS = summarize(sweep_dir)
+            self.rows = collect(sweep_dir)
+            report(sweep_dir, self.rows)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
             print(f"summary: could not summarize the sweep: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
 
@@ -606,8 +620,9 @@ def is_sweep_dir(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``cl-run-summary SWEEP_DIR [--joint DIR] [--quiet]``: rebuild and print the summary of a
-    finished, partial or interrupted sweep. Exit code 0 when every job is ok, 1 otherwise, 2 when
-    SWEEP_DIR is not a sweep folder."""
+    finished, partial or interrupted sweep (also one from elsewhere: its files are read, never
+    evaluated, and its texts printed as they are). Exit code 0 when every job is ok, 1 otherwise (or
+    when the summary cannot be written), 2 when SWEEP_DIR is not a sweep folder."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -632,7 +647,12 @@ def main(argv: list[str] | None = None) -> int:
             detail = " (no multirun.yaml and no job folders with .hydra/ or metrics.json)" if path.is_dir() else ""
             print(f"error: {key} {path} is not {no}{detail}", file=sys.stderr)
             return 2
-    rows = summarize(args.sweep_dir, quiet=args.quiet, joint_dirs=args.joint)
+    try:
+        rows = collect(args.sweep_dir, args.joint)
+        report(Path(args.sweep_dir), rows, quiet=args.quiet)
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: could not summarize {args.sweep_dir}: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
     return sweep_status(rows)
 
 

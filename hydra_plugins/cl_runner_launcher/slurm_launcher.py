@@ -5,7 +5,11 @@ In the ``cl-run`` process (:meth:`ClRunnerSlurmLauncher.launch`):
 - sbatch's rejection (bad partition, gres, account, too many CPUs) → one ``error:`` line naming the
   ``hydra.launcher.*`` key and Slurm's message, exit 2; so is an array pending for a reason that never
   resolves (``PartitionConfig``…), after cancelling it;
-- the job array's id is printed at submission; the array is named ``cl-run:<method>:<swept keys>``;
+- the job array's id is printed at submission; the array is named ``cl-run:<method>:<swept keys>``
+  (a name is made of a safe character set, at most 80 characters: ``cl_runner.slurm.safe_name``; it is
+  a line of the sbatch script); a launcher setting whose text would break out of its ``#SBATCH``
+  line (a line break in ``partition``, in ``hydra.sweep.dir``…) is refused with one ``error:`` line,
+  exit 2, before anything is submitted (``cl_runner.slurm.script_problem``);
 - it waits for every job however it ends (one ``squeue`` and one ``sacct`` per poll) and records
   ``cancelled`` / ``timeout`` / ``failed`` in the folders of jobs that did not write a final status
   themselves (``cl_runner.slurm.outcome``), so the summary always has one row per job; Ctrl-C cancels
@@ -118,7 +122,8 @@ if SlurmLauncher is not None:
     @dataclass
     class ClRunnerSlurmConf(SlurmQueueConf):
         _target_: str = "hydra_plugins.cl_runner_launcher.slurm_launcher.ClRunnerSlurmLauncher"
-        # "cl-run": cl-run:<method>:<overrides> per job; anything else is used as it is
+        # "cl-run": cl-run:<method>:<overrides> per job; anything else is used as it is, in the same
+        # safe character set as those ([A-Za-z0-9._:=,+@-], others become _; at most 80 characters)
         name: str = "cl-run"
         # seconds between two looks at the jobs' states (sacct, squeue)
         poll_s: float = 10.0
@@ -140,7 +145,7 @@ if SlurmLauncher is not None:
 
             slurm.job_signals()
             if self.params.get("name") == "cl-run":
-                name = _job_name(sweep_overrides, self.config)
+                name = _job_name(sweep_overrides, self.config)  # a safe character set (argv: no shell either)
                 subprocess.run(
                     ["scontrol", "update", f"JobId={submitit.JobEnvironment().job_id}", f"JobName={name}"],
                     capture_output=True,
@@ -182,6 +187,11 @@ if SlurmLauncher is not None:
                 params["mem_gb"] = slurm.default_mem_gb(c.benchmark.name for c, _ in jobs_cfg)
             if params.get("name") == "cl-run":
                 params["name"] = _job_name(OmegaConf.to_container(self.config.hydra.overrides.task), self.config)
+            else:  # the user's own name: the same safe character set (it is a line of the job script)
+                params["name"] = slurm.safe_name(params.get("name") or "cl-run")
+            problem = slurm.script_problem(params)
+            if problem:
+                _fail(problem)
             executor = submitit.AutoExecutor(
                 folder=params.pop("submitit_folder"),
                 cluster="slurm",
