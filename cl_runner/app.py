@@ -147,7 +147,7 @@ def _stopped(error: Any, job: Job, where: str) -> None:
     log = f"; see {job.out_dir}/error.log" if error.bug else ""
     print(f"error: {job.label}failed: {error} {where}{log}", file=sys.stderr)
     if not job.multirun:
-        sys.exit(EXIT_FAILED if error.bug else EXIT_USAGE)
+        sys.exit(EXIT_USAGE if error.bad_input else EXIT_FAILED)
 
 
 def _exit(code: int, line: str) -> None:
@@ -230,9 +230,10 @@ def _check_folder(key: str, folder: Path) -> None:
 
 
 def _ours(folder: Path) -> bool:
-    """A folder cl-run may write into: empty, or holding a cl-run run (its config, or Hydra's record)."""
+    """A folder cl-run may write into: one holding a cl-run run (its config, or Hydra's record of the
+    job), or nothing but hidden files (a lock, a temporary file)."""
     entries = [p.name for p in folder.iterdir()]
-    return not entries or CONFIG in entries or ".hydra" in entries
+    return CONFIG in entries or ".hydra" in entries or all(name.startswith(".") for name in entries)
 
 
 def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
@@ -243,9 +244,7 @@ def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
     if not folder.exists():
         return
     if not folder.is_dir() or not _ours(folder):
-        raise UsageError(
-            f"hydra.run.dir={folder} holds files that are not a cl-run run; choose an empty or new folder"
-        )
+        raise UsageError(f"hydra.run.dir={folder} holds files that are not a cl-run run; choose an empty or new folder")
     try:
         check_not_busy(folder)
     except ValueError as e:

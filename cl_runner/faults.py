@@ -7,9 +7,10 @@ phases, so that every outcome can be checked at a controlled moment instead of b
   training, n = 1, 2, …), ``importance`` (task n's importance pass), ``evaluate`` (the evaluation after
   task n), ``checkpoint`` (before task n's checkpoint is written), ``record`` (before the final
   ``metrics.json`` is written), ``written`` (after it);
-- actions: ``raise`` (a RuntimeError), ``nonfinite`` (a RuntimeError such as torch raises on NaN
-  input: "probability tensor contains either inf, nan or element < 0"), ``sigint``, ``sigterm``
-  (the signal, sent to this process), ``kill`` (SIGKILL: no handler runs).
+- actions: ``raise`` (a RuntimeError), ``enospc`` (an OSError: no space left on device),
+  ``nonfinite`` (a RuntimeError such as torch raises on NaN input: "probability tensor contains
+  either inf, nan or element < 0"), ``sigint``, ``sigterm`` (the signal, sent to this process),
+  ``kill`` (SIGKILL: no handler runs).
 
 A point without ``@n`` fires every time it is reached. The cost in a normal run is one environment
 lookup per phase (a few per task), none per step.
@@ -22,7 +23,7 @@ import signal
 
 ENV = "CL_RUNNER_FAULT"
 POINTS = ("setup", "train", "importance", "evaluate", "checkpoint", "record", "written")
-ACTIONS = ("raise", "nonfinite", "sigint", "sigterm", "kill")
+ACTIONS = ("raise", "enospc", "nonfinite", "sigint", "sigterm", "kill")
 
 
 class InjectedFault(RuntimeError):
@@ -41,6 +42,8 @@ def point(name: str, n: int | None = None) -> None:
             continue
         if action == "raise":
             raise InjectedFault(f"injected fault at {where}")
+        if action == "enospc":
+            raise OSError(28, f"No space left on device (injected at {where})")
         if action == "nonfinite":
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "kill": signal.SIGKILL}.get(action)

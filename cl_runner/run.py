@@ -19,6 +19,7 @@ Every way a run can end goes through one place, :func:`_execute`'s handler, and 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import traceback
 from collections.abc import Callable, Generator
@@ -66,8 +67,8 @@ class RunStopped(Exception):
     interrupted or failed; or ``ok`` when a signal arrived while the finished run's results were
     written (they are complete)."""
 
-    def __init__(self, status: str, message: str, out_dir: Path, bug: bool = False):
-        self.status, self.out_dir, self.bug = status, out_dir, bug
+    def __init__(self, status: str, message: str, out_dir: Path, bug: bool = False, bad_input: bool = False):
+        self.status, self.out_dir, self.bug, self.bad_input = status, out_dir, bug, bad_input
         super().__init__(message)
 
 
@@ -173,6 +174,7 @@ class _Run:
         self.earlier_wall = 0.0
         self.trainer = self.method = self.tb = self.console_log = self.stream = None
         self.hparams: dict[str, Any] = {}
+        self.bad_input = False
 
     # ------------------------------------------------------------------ build
     def _build(self) -> dict[str, Any] | None:
@@ -264,6 +266,7 @@ class _Run:
             raise
         except BaseException as e:  # noqa: BLE001 - every ending becomes a record (module docstring)
             status, message, bug = self._outcome(e)
+            self.bad_input = isinstance(e, (ValueError, DatasetUnavailable))
         return self._finish(status, message, bug)
 
     def _outcome(self, e: BaseException) -> tuple[str, str, str | None]:
@@ -279,6 +282,8 @@ class _Run:
         text = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, (ValueError, DatasetUnavailable)):  # bad input found while building
             return "failed", text, None
+        if isinstance(e, OSError):  # a full disk, a folder that vanished: a fault, not a bug
+            return "failed", f"{type(e).__name__}: {text}", None
         if _nonfinite(e, self.trainer):
             done = len(self.trainer.matrix) if self.trainer else 0
             return "diverged", f"diverged: non-finite values in task {done + 1} ({type(e).__name__}: {text})", None
@@ -309,14 +314,13 @@ class _Run:
             wall_time_s=self._wall(),
             device=str(self.device),
         )
-        with stopping.deferred():
+        with stopping.deferred():  # a signal now waits until the results are written and said
             try:
                 faults.point("record")
                 record.write(self.out_dir, result)
                 if bug:
                     write_atomic(self.out_dir / "error.log", bug)
-                if self.tb is not None:
-                    self.tb.final(result, self.hparams) if status == "ok" else self.tb.failed(self.hparams, status)
+                self._tensorboard(status, result)
                 faults.point("written")
             finally:
                 if self.tb is not None:
@@ -324,16 +328,24 @@ class _Run:
             if status == "ok":
                 keep = bool(self.cfg.get("keep_checkpoint"))
                 remove_checkpoints(self.out_dir) if not keep else _drop_previous(self.out_dir)
+            if self.console_log is not None:
+                self.console_log.final(result) if status == "ok" else self.console_log.where(result)
         late = stopping.received()
         if status != "ok":
-            if self.console_log is not None:
-                self.console_log.where(result)
-            raise RunStopped(status, message or status, self.out_dir, bug=bug is not None)
-        if self.console_log is not None:
-            self.console_log.final(result)
+            raise RunStopped(status, message or status, self.out_dir, bug=bug is not None, bad_input=self.bad_input)
         if late:
             raise RunStopped("ok", f"{late} received while the results were written; they are complete", self.out_dir)
         return result
+
+    def _tensorboard(self, status: str, result: dict[str, Any]) -> None:
+        """The run's last TensorBoard records (matrix pictures, HParams); a failure there is reported,
+        never fatal: the record is written already."""
+        if self.tb is None:
+            return
+        try:
+            self.tb.final(result, self.hparams) if status == "ok" else self.tb.failed(self.hparams, status)
+        except Exception as e:  # noqa: BLE001 - figures are a view of the record
+            print(f"warning: TensorBoard summary not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _drop_previous(out_dir: Path) -> None:
@@ -358,4 +370,3 @@ def _nonfinite(e: BaseException, trainer: Any) -> bool:
     return isinstance(e, (RuntimeError, FloatingPointError, OverflowError)) and any(
         w.strip(".:;()") in _NONFINITE_WORDS for w in words
     )
-

@@ -83,6 +83,7 @@ class Member:
     error: BaseException | None = None
     rng: Tensor | None = None
     cuda_rng: list[Tensor] | None = None
+    threads: int | None = None  # its CPU threads (a run sets its own while it is open)
 
     def key(self) -> tuple:
         r = self.request
@@ -117,16 +118,20 @@ class Group:
         self.members.append(m)
         return m
 
-    # ------------------------------------------------------------------ each member's own RNG
+    # ------------------------------------------------------------------ each member's own process state
     def _save_rng(self, m: Member) -> None:
+        """The process-wide state a run keeps between its phases: the global RNGs, the CPU threads."""
         m.rng = torch.get_rng_state()
         m.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        m.threads = torch.get_num_threads()
 
     def _load_rng(self, m: Member) -> None:
         if m.rng is not None:
             torch.set_rng_state(m.rng)
         if m.cuda_rng is not None:
             torch.cuda.set_rng_state_all(m.cuda_rng)
+        if m.threads is not None and m.threads != torch.get_num_threads():
+            torch.set_num_threads(m.threads)
 
     @contextlib.contextmanager
     def _as(self, m: Member) -> Iterator[None]:

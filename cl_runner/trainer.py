@@ -75,8 +75,6 @@ def _evaluate(
     return torch.stack(accs).tolist(), torch.stack(losses).tolist() if with_loss else None
 
 
-
-
 class TrainerEvents:
     """What the trainer reports; loggers override what they need."""
 
