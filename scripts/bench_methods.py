@@ -11,7 +11,8 @@
    this MLP takes, and by the generic torch.func path on --func-samples samples (with the per-sample
    time and its extrapolation to 60,000; it is linear in the number of samples).
 
-3. PROTOCOLS.md D3's CNN (``model=cnn_d3``, 2,980 parameters, 30 outputs, 28×28 MNIST, SGD lr 0.002,
+3. The curvature demonstration's CNN ("D3", docs/protocols/curvature.md; ``model=cnn_d3``, 2,980 parameters,
+   30 outputs, 28×28 MNIST, SGD lr 0.002,
    batch 256, class-IL units of task 2): per-step time of EWC with ``method.fisher`` diag / kfac /
    dense (1 and 2 past tasks) as a ratio to finetune; the Fisher of --d3-samples samples in each
    representation (labels all over 10 units and sample), and one natural-gradient preconditioning
