@@ -373,7 +373,25 @@ def precheck(argv: list[str]) -> Plan:
         argv = [*argv, f"hydra.sweep.dir={sweep_dir}"]
     _check_folder("hydra.sweep.dir", sweep_dir)
     _check_sweep_dir(sweep_dir, task_overrides)
+    _check_launcher(cfg)
     return Plan(argv, sweep_dir)
+
+
+def _check_launcher(cfg: DictConfig) -> None:
+    """Slurm launchers: no setting may break out of its line of the job script (checked here, before
+    the sweep's folder exists)."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher")
+    if launcher is None or "slurm" not in str(launcher.get("_target_", "")).lower():
+        return
+    from cl_runner.slurm import script_problem
+
+    try:
+        params = OmegaConf.to_container(launcher, resolve=True)
+    except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+        raise UsageError(f"hydra.launcher: {_one_line(e)}") from None
+    problem = script_problem(params)
+    if problem:
+        raise UsageError(problem)
 
 
 def main() -> None:

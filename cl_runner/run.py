@@ -154,6 +154,8 @@ def run_phases(
         previous = record.read(out_dir)
         if record.is_final(previous):
             raise AlreadyFinished(out_dir, previous["status"])
+        if (out_dir / CONFIG).is_file():  # a folder of another config is refused before anything is written
+            check_same_config(out_dir, cfg)
         threads = torch.get_num_threads()
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
@@ -233,13 +235,11 @@ class _Run:
         return saved
 
     def _claim_config(self) -> None:
-        """Save the run's resolved config, or check that a resumed folder was made by the same one
-        (after building: a config refused while building claims nothing, so the corrected command may
-        use the folder)."""
-        resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        if (self.out_dir / CONFIG).is_file():
-            check_same_config(self.out_dir, resolved)
-        else:
+        """Save the run's resolved config (a resumed folder's was checked before the run opened). After
+        building: a config refused while building claims nothing, so the corrected command may use the
+        folder."""
+        if not (self.out_dir / CONFIG).is_file():
+            resolved = OmegaConf.to_container(self.cfg, resolve=True)
             write_atomic(self.out_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
     def _checkpoint(self, state: dict[str, Any]) -> None:

@@ -418,7 +418,7 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
         (0, "0_method.fisher_labels=pred", "ok"),
         (1, "1_method.fisher_labels=all", "missing"),
     ]
-    assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
+    assert rows[1]["method"] == "ewc" and sweep.swept_value(rows[1], "method.fisher_labels") == "all"
     summary = subprocess.run(
         [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
         capture_output=True,
