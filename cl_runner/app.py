@@ -16,7 +16,6 @@ import difflib
 import os
 import signal
 import sys
-import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
@@ -29,16 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from cl_runner import record
-from cl_runner.identity import read_saved, select_saved
-from cl_runner.runfiles import CONFIG, CheckpointError, check_not_busy, flatten, write_atomic
+from cl_runner.folders import UsageError, check_folder, check_launcher, check_run_dir, check_sweep_dir
+from cl_runner.runfiles import CheckpointError, flatten, write_atomic
 
 CONFIG_MODULE = "cl_runner.configs"
 #: exit codes of cl-run (README: "When things go wrong")
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
-
-
-class UsageError(Exception):
-    pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -91,13 +86,12 @@ def conclude(error: BaseException, job: Job) -> None:
     from cl_runner.data.datasets import DatasetUnavailable
     from cl_runner.run import AlreadyFinished, RunStopped
 
-    where = f"(results so far: {job.out_dir})"
     if isinstance(error, AlreadyFinished):
         if not job.multirun:
             _exit(EXIT_USAGE, f"error: {error}")
         print(f"{job.label}already finished (status {error.status}) in {job.out_dir}; skipped", file=sys.stderr)
     elif isinstance(error, RunStopped):
-        _stopped(error, job, where)
+        _stopped(error, job, f"(results so far: {job.out_dir})")
     elif isinstance(error, KeyboardInterrupt):  # before the run opened its folder: nothing to keep
         if job.multirun:
             raise error
@@ -112,19 +106,25 @@ def conclude(error: BaseException, job: Job) -> None:
         if not job.multirun:
             sys.exit(EXIT_FAILED)
     elif isinstance(error, Exception):
-        import traceback
-
-        details = traceback.format_exception(error)
-        try:
-            record_failure(job, f"{type(error).__name__}: {_one_line(error)}", "".join(details))
-        except Exception:  # noqa: BLE001 - never hide the original error
-            pass
-        if not job.multirun:
-            raise error  # a bug, not bad input: keep the traceback
-        msg = f"{type(error).__name__}: {_one_line(error)} (see {job.out_dir}/error.log)"
-        print(f"error: {job.label}failed: {msg}", file=sys.stderr)
+        _bug(error, job)
     else:
         raise error
+
+
+def _bug(error: Exception, job: Job) -> None:
+    """An error that is neither bad input nor a fault: its traceback (printed for a single run, in the
+    job's error.log for a sweep's job)."""
+    import traceback
+
+    details = "".join(traceback.format_exception(error))
+    try:
+        record_failure(job, f"{type(error).__name__}: {_one_line(error)}", details)
+    except Exception:  # noqa: BLE001 - never hide the original error
+        pass
+    if not job.multirun:
+        raise error  # a bug, not bad input: keep the traceback
+    msg = f"{type(error).__name__}: {_one_line(error)} (see {job.out_dir}/error.log)"
+    print(f"error: {job.label}failed: {msg}", file=sys.stderr)
 
 
 def _stopped(error: Any, job: Job, where: str) -> None:
@@ -205,87 +205,6 @@ def _compose_error(e: Exception, overrides: list) -> str:
     return " ".join(msg.replace("Error merging override", "cannot apply").split())
 
 
-def _check_folder(key: str, folder: Path) -> None:
-    """A run or sweep folder must be a usable name and creatable: probe its nearest existing parent
-    (nothing is left behind)."""
-    if not str(folder).strip():
-        raise UsageError(f"{key} is empty; give a folder (or leave {key} out for the default)")
-    parent = folder
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        limit = os.pathconf(parent if parent.is_dir() else parent.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    long = next((p for p in folder.parts if len(os.fsencode(p)) > limit), None)
-    if long is not None:
-        raise UsageError(f"{key}={folder}: the name {long[:40]}… has more than {limit} bytes; choose a shorter one")
-    try:
-        if not parent.is_dir():
-            raise NotADirectoryError(20, "not a directory", str(parent))
-        os.rmdir(tempfile.mkdtemp(prefix=".cl-run-probe-", dir=parent))
-    except OSError as e:
-        reason = (e.strerror or str(e)).lower()
-        raise UsageError(f"{key}={folder}: cannot create it in {parent}: {reason}; choose another folder") from None
-
-
-def _ours(folder: Path) -> bool:
-    """A folder cl-run may write into: one holding a cl-run run (its config, or Hydra's record of the
-    job), or nothing but hidden files (a lock, a temporary file)."""
-    entries = [p.name for p in folder.iterdir()]
-    return CONFIG in entries or ".hydra" in entries or all(name.startswith(".") for name in entries)
-
-
-def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
-    """An explicit hydra.run.dir: ours (or empty), not in use, not finished, made by the same config
-    (to resume), and with a checkpoint that can be read."""
-    from cl_runner.run import check_same_config, resume_checkpoint
-
-    if not folder.exists():
-        return
-    if not folder.is_dir() or not _ours(folder):
-        raise UsageError(f"hydra.run.dir={folder} holds files that are not a cl-run run; choose an empty or new folder")
-    try:
-        check_not_busy(folder)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    status = record.read(folder)
-    if record.is_final(status):
-        raise UsageError(
-            f"hydra.run.dir={folder} already holds finished results (status {status.get('status')}); "
-            "choose another folder"
-        )
-    try:
-        if (folder / CONFIG).is_file():
-            check_same_config(folder, cfg)
-        resume_checkpoint(folder, cfg.get("resume", "auto"))
-    except (ValueError, CheckpointError) as e:
-        raise UsageError(_one_line(e)) from None
-
-
-def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
-    """An explicit hydra.sweep.dir that holds a sweep can only be resumed by the same sweep; any other
-    non-empty folder is refused."""
-    if not folder.exists():
-        return
-    saved = folder / "multirun.yaml"
-    if saved.is_file():
-        before = select_saved(read_saved(saved), "hydra.overrides.task") or []  # read, never resolved
-        if sorted(map(str, before)) != sorted(overrides):
-            raise UsageError(
-                f"hydra.sweep.dir={folder} holds another sweep ({' '.join(map(str, before))}); run that sweep's "
-                "own command to resume it, or choose another folder"
-            )
-        return
-    finished = sorted(folder.glob("**/metrics.json"))
-    if finished:
-        raise UsageError(
-            f"hydra.sweep.dir={folder} already holds finished results ({finished[0]}); choose another folder"
-        )
-    if folder.is_dir() and any(folder.iterdir()):
-        raise UsageError(f"hydra.sweep.dir={folder} holds files that are not a cl-run sweep; choose another folder")
-
-
 def _raise(e: Exception):
     raise e
 
@@ -314,56 +233,77 @@ class Plan:
         self.argv, self.sweep_dir = argv, sweep_dir
 
 
+class CommandLine:
+    """The overrides of a command line: one representative value per key (the first of a sweep's),
+    whether it is a sweep, and the run / sweep folders it names. A group option that does not exist
+    is refused here, naming the group's options."""
+
+    def __init__(self, args: argparse.Namespace):
+        try:
+            self.overrides = OverridesParser.create().parse_overrides(args.overrides)
+        except OverrideParseException as e:
+            raise UsageError(_one_line(e)) from None
+        groups = config_groups()
+        self.sweep, self.folders, self.representative = bool(args.multirun), {}, []
+        for o in self.overrides:
+            key = o.key_or_group
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            self.sweep = self.sweep or o.is_sweep_override()
+            if key in ("hydra.run.dir", "hydra.sweep.dir"):
+                self.folders[key] = Path(values[0]) if values[0] else Path("")
+            if key.startswith("hydra"):
+                continue
+            if key in groups and not o.is_delete():
+                for v in values:
+                    if v not in groups[key] and v != "null":
+                        raise UsageError(f"{key}={v} is not a known {key}; choose one of: {', '.join(groups[key])}")
+            prefix = "+" if o.is_add() else "++" if o.is_force_add() else "~" if o.is_delete() else ""
+            self.representative.append(f"{prefix}{key}={values[0]}" if not o.is_delete() else o.input_line)
+
+    def compose(self) -> DictConfig:
+        try:
+            return _compose(self.representative, hydra_node=self.sweep)
+        except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
+            parsed = OverridesParser.create().parse_overrides(self.representative)
+            raise UsageError(_compose_error(e, parsed)) from None
+
+    @property
+    def task_overrides(self) -> list[str]:
+        return [o.input_line for o in self.overrides if not o.key_or_group.startswith("hydra")]
+
+
 def precheck(argv: list[str]) -> Plan:
     """Check the command line before Hydra runs, so that bad input gives one line and no files. A
     sweep's folder is fixed here (``hydra.sweep.dir``, its default ``${now:…}`` resolved once), so that
     cl-run knows where the sweep's summary is whatever happens to the sweep."""
-    from cl_runner.checks import validate
-
     args = _parse_args(argv)
     if args.help or args.hydra_help or args.version or args.shell_completion:
         return Plan(argv)
-    inspect_only = bool(args.cfg or args.info)  # --cfg/--info: the config must still compose
+    line = CommandLine(args)
+    cfg = line.compose()
+    if args.cfg or args.info:  # --cfg/--info: the config must compose, nothing runs
+        return Plan(argv)
+    return _check_sweep(argv, line, cfg) if line.sweep else _check_run(argv, line, cfg)
+
+
+def _check_run(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
+    from cl_runner.checks import validate
+
     try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except OverrideParseException as e:
+        validate(cfg)
+    except ValueError as e:
         raise UsageError(_one_line(e)) from None
-    groups = config_groups()
-    representative, sweep, folders = [], bool(args.multirun), {}
-    for o in overrides:
-        key = o.key_or_group
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        sweep = sweep or o.is_sweep_override()
-        if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            folders[key] = Path(values[0]) if values[0] else Path("")
-        if key.startswith("hydra"):
-            continue
-        if key in groups and not o.is_delete():
-            for v in values:
-                if v not in groups[key] and v != "null":
-                    raise UsageError(f"{key}={v} is not a known {key}; choose one of: {', '.join(groups[key])}")
-        prefix = "+" if o.is_add() else "++" if o.is_force_add() else "~" if o.is_delete() else ""
-        representative.append(f"{prefix}{key}={values[0]}" if not o.is_delete() else o.input_line)
-    try:
-        cfg = _compose(representative, hydra_node=sweep)
-    except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
-        raise UsageError(_compose_error(e, OverridesParser.create().parse_overrides(representative))) from None
-    if inspect_only:
-        return Plan(argv)
-    if not sweep:
-        try:
-            validate(cfg)
-        except ValueError as e:
-            raise UsageError(_one_line(e)) from None
-        run_dir = folders.get("hydra.run.dir")
-        if run_dir is not None:
-            _check_folder("hydra.run.dir", run_dir)
-            _check_run_dir(run_dir, cfg)
-        else:
-            _check_folder("outputs", Path("outputs") / "runs")
-        return Plan(argv)
-    sweep_dir = folders.get("hydra.sweep.dir")
-    task_overrides = [o.input_line for o in overrides if not o.key_or_group.startswith("hydra")]
+    run_dir = line.folders.get("hydra.run.dir")
+    if run_dir is not None:
+        check_folder("hydra.run.dir", run_dir)
+        check_run_dir(run_dir, cfg)
+    else:
+        check_folder("outputs", Path("outputs") / "runs")
+    return Plan(argv)
+
+
+def _check_sweep(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
+    sweep_dir = line.folders.get("hydra.sweep.dir")
     if sweep_dir is None:
         try:
             sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)))
@@ -371,27 +311,10 @@ def precheck(argv: list[str]) -> Plan:
             why = _one_line(e)
             raise UsageError(f"hydra.sweep.dir cannot be resolved before the sweep ({why}); give a folder") from None
         argv = [*argv, f"hydra.sweep.dir={sweep_dir}"]
-    _check_folder("hydra.sweep.dir", sweep_dir)
-    _check_sweep_dir(sweep_dir, task_overrides)
-    _check_launcher(cfg)
+    check_folder("hydra.sweep.dir", sweep_dir)
+    check_sweep_dir(sweep_dir, line.task_overrides)
+    check_launcher(cfg)
     return Plan(argv, sweep_dir)
-
-
-def _check_launcher(cfg: DictConfig) -> None:
-    """Slurm launchers: no setting may break out of its line of the job script (checked here, before
-    the sweep's folder exists)."""
-    launcher = OmegaConf.select(cfg, "hydra.launcher")
-    if launcher is None or "slurm" not in str(launcher.get("_target_", "")).lower():
-        return
-    from cl_runner.slurm import script_problem
-
-    try:
-        params = OmegaConf.to_container(launcher, resolve=True)
-    except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
-        raise UsageError(f"hydra.launcher: {_one_line(e)}") from None
-    problem = script_problem(params)
-    if problem:
-        raise UsageError(problem)
 
 
 def main() -> None:

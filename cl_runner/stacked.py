@@ -283,111 +283,130 @@ def _train_together(reqs: list[TaskTraining]) -> list[Any]:
     """Train one task for every member of ``reqs`` (same task, same number of steps) step by step, as
     one stacked model (``forward=vmap``). Returns per member (losses, penalties) as
     :meth:`Trainer.train_task` does, or its exception."""
-    import torch.nn.functional as F
-    from torch.func import functional_call, vmap
+    return _StackedTask(reqs).run()
 
-    from cl_runner.methods.base import Batch
 
-    n, n_steps = len(reqs), reqs[0].n_steps
-    trainers = [r.trainer for r in reqs]
-    models = [tr.model for tr in trainers]
-    device = next(models[0].parameters()).device
-    batches = [_epochs(len(r.data), tr.batch_size, tr.generator, device) for r, tr in zip(reqs, trainers, strict=True)]
-    losses = [torch.zeros(n_steps, device=device) for _ in reqs]
-    penalties = [torch.zeros(n_steps, device=device) for _ in reqs]
-    responses: list[Any] = [None] * n
-    alive = list(range(n))
-    for model in models:
-        model.train()
+class _StackedTask:
+    """One task of a ``vmap`` group: the members' parameters stacked (their own parameters become
+    views of the stacked tensors), one forward/backward for all, each member's step hooks on its views."""
 
-    names = [name for name, p in models[0].named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        stacked = {name: torch.stack([dict(m.named_parameters())[name] for m in models]) for name in names}
-    for t in stacked.values():
-        t.requires_grad_(True)
-    own = [[dict(m.named_parameters())[name] for name in names] for m in models]
-    for k, params in enumerate(own):  # the members' parameters become views of the stacked tensors
-        for name, p in zip(names, params, strict=True):
-            p.data = stacked[name].detach()[k]
-    base = models[0]
-    optimizer = _stacked_optimizer(reqs, names, own, stacked)
+    def __init__(self, reqs: list[TaskTraining]):
+        from torch.func import functional_call, vmap
 
-    def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(base, params, (x,))
+        self.reqs, self.n, self.n_steps = reqs, len(reqs), reqs[0].n_steps
+        self.trainers = [r.trainer for r in reqs]
+        models = [tr.model for tr in self.trainers]
+        self.device = next(models[0].parameters()).device
+        self.batches = [_epochs(len(r.data), r.trainer.batch_size, r.trainer.generator, self.device) for r in reqs]
+        self.losses = [torch.zeros(self.n_steps, device=self.device) for _ in reqs]
+        self.penalties = [torch.zeros(self.n_steps, device=self.device) for _ in reqs]
+        self.responses: list[Any] = [None] * self.n
+        self.alive = list(range(self.n))
+        for model in models:
+            model.train()
+        self.names = [name for name, p in models[0].named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            self.stacked = {n: torch.stack([dict(m.named_parameters())[n] for m in models]) for n in self.names}
+        for t in self.stacked.values():
+            t.requires_grad_(True)
+        self.own = [[dict(m.named_parameters())[name] for name in self.names] for m in models]
+        for k, params in enumerate(self.own):  # the members' parameters become views of the stacked tensors
+            for name, p in zip(self.names, params, strict=True):
+                p.data = self.stacked[name].detach()[k]
+        self.optimizer = _stacked_optimizer(reqs, self.names, self.own, self.stacked)
+        base = models[0]
+        self.forward = vmap(lambda params, x: functional_call(base, params, (x,)))
+        self.shared = all(r.data.x is reqs[0].data.x and r.data.y is reqs[0].data.y for r in reqs)
+        self.one_head = all(r.data.sample_units is None and r.data.units == reqs[0].data.units for r in reqs)
+        # the task losses of all members in one cross-entropy call: only for methods that keep the default
+        self.default_loss = all(type(tr.method).task_loss is Method.task_loss for tr in self.trainers)
 
-    batched = vmap(one)
+    def run(self) -> list[Any]:
+        checked = 0
+        for step in range(self.n_steps):
+            self._step(step)
+            done = step + 1
+            if done % self.trainers[0].progress_every == 0 or done == self.n_steps:
+                self._check(checked, done)
+                checked = done
+                if not self.alive:
+                    break
+        if self.optimizer is not None:
+            _unstack_optimizer(self.optimizer, self.reqs, self.names, self.own)
+        for params in self.own:  # each member's own storage again (a checkpoint saves only its own parameters)
+            for p in params:
+                p.data = p.data.clone()
+                p.grad = None if p.grad is None else p.grad.clone()
+        for k in self.alive:
+            self.responses[k] = (self.losses[k].tolist(), self.penalties[k].tolist())
+        return self.responses
 
-    shared = all(r.data.x is reqs[0].data.x and r.data.y is reqs[0].data.y for r in reqs)
-    one_head = all(r.data.sample_units is None and r.data.units == reqs[0].data.units for r in reqs)
-    # the task losses of all members in one cross-entropy call: only for methods that keep the default
-    default_loss = all(type(tr.method).task_loss is Method.task_loss for tr in trainers)
-    checked = 0
-    for step in range(n_steps):
-        idx = [next(b) for b in batches]
-        data = [r.data for r in reqs]
+    def _draw(self) -> tuple[dict[int, Any], dict[int, Any], Tensor, Tensor]:
+        """Each member's drawn batch and the batch its method trains on; the stacked inputs and labels."""
+        from cl_runner.methods.base import Batch
+
+        idx = [next(b) for b in self.batches]
+        data = [r.data for r in self.reqs]
         units = [None if d.sample_units is None else d.sample_units[i] for d, i in zip(data, idx, strict=True)]
-        for t in stacked.values():
-            t.grad = None
-        if shared:  # one stream for all (a λ sweep): one gather
+        if self.shared:  # one stream for all (a λ sweep): one gather
             rows = torch.stack(idx)
             x, y = data[0].x[rows], data[0].y[rows]
         else:
             x = torch.stack([d.x[i] for d, i in zip(data, idx, strict=True)])
             y = torch.stack([d.y[i] for d, i in zip(data, idx, strict=True)])
-        given = {k: Batch(x[k], y[k], data[k].units, units[k], reqs[k].t) for k in alive}
-        batch = {k: trainers[k].step.prepare(b) for k, b in given.items()}
-        if any(batch[k] is not given[k] for k in alive):  # a method changed its batch: stack what it gave
-            x = torch.stack([batch[k].x if k in batch else x[k] for k in range(n)])
-            y = torch.stack([batch[k].y if k in batch else y[k] for k in range(n)])
-        logits = batched(stacked, x)
-        if default_loss and one_head and all(batch[k] is given[k] for k in alive):
-            lo, hi = data[0].units  # every member's cross-entropy in one call: mean over each member's batch
-            per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
-            per = per.view(n, -1).mean(1)
-            step_losses = {k: per[k] for k in alive}
-            for k in alive:
-                extra = trainers[k].method.loss(batch[k], logits[k])
-                if extra is not None:
-                    step_losses[k] = step_losses[k] + extra
-        else:
-            step_losses = {k: trainers[k].step.loss(batch[k], logits[k]) for k in alive}
+        given = {k: Batch(x[k], y[k], data[k].units, units[k], self.reqs[k].t) for k in self.alive}
+        batch = {k: self.trainers[k].step.prepare(b) for k, b in given.items()}
+        if any(batch[k] is not given[k] for k in self.alive):  # a method changed its batch: stack what it gave
+            x = torch.stack([batch[k].x if k in batch else x[k] for k in range(self.n)])
+            y = torch.stack([batch[k].y if k in batch else y[k] for k in range(self.n)])
+        return given, batch, x, y
+
+    def _loss(self, given: dict, batch: dict, logits: Tensor, y: Tensor) -> dict[int, Tensor]:
+        import torch.nn.functional as F
+
+        if not (self.default_loss and self.one_head and all(batch[k] is given[k] for k in self.alive)):
+            return {k: self.trainers[k].step.loss(batch[k], logits[k]) for k in self.alive}
+        lo, hi = self.reqs[0].data.units  # every member's cross-entropy in one call: mean over each member's batch
+        per = F.cross_entropy(logits[:, :, lo:hi].flatten(0, 1), (y - lo).flatten(), reduction="none")
+        per = per.view(self.n, -1).mean(1)
+        losses = {k: per[k] for k in self.alive}
+        for k in self.alive:
+            extra = self.trainers[k].method.loss(batch[k], logits[k])
+            if extra is not None:
+                losses[k] = losses[k] + extra
+        return losses
+
+    def _step(self, step: int) -> None:
+        for t in self.stacked.values():
+            t.grad = None
+        given, batch, x, y = self._draw()
+        step_losses = self._loss(given, batch, self.forward(self.stacked, x), y)
         sum(step_losses.values()).backward()
-        for k in alive:
-            for name, p in zip(names, own[k], strict=True):
-                p.grad = stacked[name].grad[k]
-        for k in alive:  # the rest of the step, per member
-            penalty = trainers[k].step.gradient_hooks(batch[k])
+        for k in self.alive:
+            for name, p in zip(self.names, self.own[k], strict=True):
+                p.grad = self.stacked[name].grad[k]
+        for k in self.alive:  # the rest of the step, per member
+            penalty = self.trainers[k].step.gradient_hooks(batch[k])
             if penalty is not None:
-                penalties[k][step] = penalty
-            if optimizer is None:
-                trainers[k].optimizer.step()
-        if optimizer is not None:  # a diverged member's slice moves on unused (nothing reads it again)
-            optimizer.step()
-        for k in alive:
-            trainers[k].step.after_step(batch[k])
-            losses[k][step] = step_losses[k].detach()
-        done = step + 1
-        if done % trainers[0].progress_every == 0 or done == n_steps:
-            for k in list(alive):
-                try:
-                    Trainer.check_finite(losses[k], penalties[k], checked, done, reqs[k].t)
-                except Diverged as e:
-                    responses[k] = e
-                    alive.remove(k)
-                    continue
-                trainers[k].events.progress(reqs[k].t, done, float(losses[k][done - 1]))
-            checked = done
-            if not alive:
-                break
-    if optimizer is not None:
-        _unstack_optimizer(optimizer, reqs, names, own)
-    for params in own:  # each member's own storage again (a checkpoint saves only its own parameters)
-        for p in params:
-            p.data = p.data.clone()
-            p.grad = None if p.grad is None else p.grad.clone()
-    for k in alive:
-        responses[k] = (losses[k].tolist(), penalties[k].tolist())
-    return responses
+                self.penalties[k][step] = penalty
+            if self.optimizer is None:
+                self.trainers[k].optimizer.step()
+        if self.optimizer is not None:  # a diverged member's slice moves on unused (nothing reads it again)
+            self.optimizer.step()
+        for k in self.alive:
+            self.trainers[k].step.after_step(batch[k])
+            self.losses[k][step] = step_losses[k].detach()
+
+    def _check(self, checked: int, done: int) -> None:
+        """The steps since the last check: a member whose loss or penalty is not finite leaves the group."""
+        for k in list(self.alive):
+            try:
+                Trainer.check_finite(self.losses[k], self.penalties[k], checked, done, self.reqs[k].t)
+            except Diverged as e:
+                self.responses[k] = e
+                self.alive.remove(k)
+                continue
+            self.trainers[k].events.progress(self.reqs[k].t, done, float(self.losses[k][done - 1]))
 
 
 def stream_cache() -> Callable:

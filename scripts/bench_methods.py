@@ -82,11 +82,15 @@ def sync(device: torch.device) -> None:
 def step_timer(trainer, data, opt, device, steps, warmup):
     """A function that runs ``warmup`` steps of the trainer's own loop, then returns ms per step of ``steps``."""
 
+    from cl_runner.trainer import TaskTraining
+
+    trainer.optimizer = opt
+
     def run_once() -> float:
-        trainer._train_task(data, opt, warmup, device, 0)
+        trainer.train_task(TaskTraining(trainer, 0, data, warmup))
         sync(device)
         t0 = time.perf_counter()
-        trainer._train_task(data, opt, steps, device, 0)
+        trainer.train_task(TaskTraining(trainer, 0, data, steps))
         sync(device)
         return (time.perf_counter() - t0) / steps * 1e3
 

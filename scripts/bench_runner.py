@@ -31,7 +31,7 @@ from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.finetune import Finetune
 from cl_runner.models.mlp import MLP
 from cl_runner.runfiles import save_checkpoint
-from cl_runner.trainer import Trainer, evaluate
+from cl_runner.trainer import TaskTraining, Trainer, evaluate
 
 
 def permuted_mnist_stream(data_dir: str | None, n_tasks: int, device: torch.device) -> tuple[TaskStream, str]:
@@ -94,11 +94,11 @@ def runner_loop(stream, hidden, steps, batch_size, lr, device) -> tuple[float, f
         seed=0,
     )
     trainer.method.setup(model, one)
-    opt = trainer.optimizer = trainer.make_optimizer(model)
+    trainer.optimizer = trainer.make_optimizer(model)
     data = trainer.method.training_data(one, 0)
     sync(device)
     start = time.perf_counter()
-    trainer._train_task(data, opt, steps, device, 0)  # includes reading the losses back once
+    trainer.train_task(TaskTraining(trainer, 0, data, steps))  # includes reading the losses back once
     sync(device)
     train_s = time.perf_counter() - start
     start = time.perf_counter()

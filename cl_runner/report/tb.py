@@ -157,6 +157,24 @@ def accuracy_curves(
 _TRADEOFF_PANELS = (("acc", "ACC (%)"), ("bwt", "BWT (%)"), ("learning_accuracy", "learning accuracy (%)"))
 
 
+def _lambda_axes(axes: Sequence[Any], lams: list[float]) -> None:
+    """λ axes, logarithmic; ``symlog`` when λ = 0 is among the values (linear between 0 and the
+    smallest positive λ), so 0 sits at the left edge instead of being dropped."""
+    positive = [x for x in lams if x > 0]
+    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS, strict=True):
+        if 0.0 in lams and positive:
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
+            ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
+        elif positive:
+            ax.set_xscale("log")
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams], fontsize=9)  # exactly the swept values
+        ax.minorticks_off()
+        ax.set_xlabel("λ (log scale" + (", 0 at the left)" if 0.0 in lams and positive else ")"))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+
+
 def tradeoff_figure(
     series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
     references: Mapping[str, Mapping[str, tuple[float, float]]],
@@ -174,7 +192,6 @@ def tradeoff_figure(
     import matplotlib
 
     lams = sorted({lam for points in series.values() for lam, _ in points})
-    positive = [x for x in lams if x > 0]
     fig = _figure(4.6, 10.0) if vertical else _figure(13.5, 4.4)
     axes = fig.subplots(3, 1) if vertical else fig.subplots(1, 3)
     colours = matplotlib.colormaps["tab10"]
@@ -198,18 +215,7 @@ def tradeoff_figure(
                 ax.axhline(mean, color=colour, linestyle="--", linewidth=1.4, label=f"{label} (no λ)")
                 if n_seeds > 1 and std > 0:
                     ax.axhspan(mean - std, mean + std, color=colour, alpha=0.10, linewidth=0)
-    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS, strict=True):
-        if 0.0 in lams and positive:
-            ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
-            ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
-        elif positive:
-            ax.set_xscale("log")
-        ax.set_xticks(lams, [f"{lam:g}" for lam in lams], fontsize=9)  # exactly the swept values
-        ax.minorticks_off()
-        ax.set_xlabel("λ (log scale" + (", 0 at the left)" if 0.0 in lams and positive else ")"))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+    _lambda_axes(axes, lams)
     handles, labels = axes[0].get_legend_handles_labels()
     per_row = 2 if vertical else 4
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=9, frameon=False)

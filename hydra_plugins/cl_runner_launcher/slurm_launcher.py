@@ -182,16 +182,7 @@ if SlurmLauncher is not None:
             from cl_runner import slurm
 
             jobs_cfg = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-            params = dict(self.params)
-            if params.get("mem_gb") is None:
-                params["mem_gb"] = slurm.default_mem_gb(c.benchmark.name for c, _ in jobs_cfg)
-            if params.get("name") == "cl-run":
-                params["name"] = _job_name(OmegaConf.to_container(self.config.hydra.overrides.task), self.config)
-            else:  # the user's own name: the same safe character set (it is a line of the job script)
-                params["name"] = slurm.safe_name(params.get("name") or "cl-run")
-            problem = slurm.script_problem(params)
-            if problem:
-                _fail(problem)
+            params = self._params(jobs_cfg)
             executor = submitit.AutoExecutor(
                 folder=params.pop("submitit_folder"),
                 cluster="slurm",
@@ -225,14 +216,7 @@ if SlurmLauncher is not None:
                 subprocess.run(["scancel", array_id], check=False, timeout=60)
                 states = self._wait(array_id, [j.job_id for j in jobs], params, limit_s=60)
                 self._record(jobs, jobs_cfg, states, params)
-                try:  # Hydra's end-of-sweep callback does not run after Ctrl-C: the summary is written here
-                    from cl_runner.report.summary import summarize
-
-                    summarize(sweep_dir, quiet=True)
-                    print(f"summary: {sweep_dir}/summary.md", file=sys.stderr)
-                except Exception as e:  # noqa: BLE001 - never hide the interruption
-                    print(f"summary: could not summarize the sweep: {e}", file=sys.stderr)
-                raise
+                raise  # cl-run writes the summary of an interrupted sweep (cl_runner.app.main)
             self._record(jobs, jobs_cfg, states, params)
             return [
                 JobReturn(
@@ -246,6 +230,24 @@ if SlurmLauncher is not None:
                 )
                 for o, (c, d) in zip(job_overrides, jobs_cfg, strict=True)
             ]
+
+        def _params(self, jobs_cfg: list) -> dict[str, Any]:
+            """The launcher's settings for this sweep: memory from the benchmarks when not given, the
+            array's name from a safe character set; one ``error:`` line for a setting that would break
+            out of its line of the job script."""
+            from cl_runner import slurm
+
+            params = dict(self.params)
+            if params.get("mem_gb") is None:
+                params["mem_gb"] = slurm.default_mem_gb(c.benchmark.name for c, _ in jobs_cfg)
+            if params.get("name") == "cl-run":
+                params["name"] = _job_name(OmegaConf.to_container(self.config.hydra.overrides.task), self.config)
+            else:  # the user's own name: the same safe character set (it is a line of the job script)
+                params["name"] = slurm.safe_name(params.get("name") or "cl-run")
+            problem = slurm.script_problem(params)
+            if problem:
+                _fail(problem)
+            return params
 
         def _wait(self, array_id: str, ids: list[str], params: dict, limit_s: float | None = None) -> dict:
             """Poll until no job of the array is in the queue (squeue); report progress when it changes;
