@@ -21,9 +21,10 @@ from conftest import compose_config
 from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.methods import build_method
+from cl_runner.methods import gem as gem_module
 from cl_runner.methods.agem import agem_project
 from cl_runner.methods.base import Batch, eval_mode, named_params
-from cl_runner.methods.gem import EPISODIC_STREAM, gem_project, nonneg_qp, task_gradients
+from cl_runner.methods.gem import EPISODIC_STREAM, LinearFactors, gem_project, nonneg_qp, task_gradients
 from cl_runner.methods.icarl import herding
 from cl_runner.methods.lwf import LWF_STREAM, soft_cross_entropy
 from cl_runner.methods.per_sample import task_generator
@@ -189,9 +190,12 @@ def test_gem_task_gradients_equal_one_backward_per_task(batch_norm):
         assert all(torch.equal(a, b) for a, b in zip(model.buffers(), ref.buffers(), strict=True))
 
 
-def test_gem_step_projects_as_brute_force():
+@pytest.mark.parametrize("fast", [True, False])
+def test_gem_step_projects_as_brute_force(fast, monkeypatch):
+    """Both paths: the MLP's Linear-layer factors (``fast``) and the materialized per-task gradients."""
+    monkeypatch.setattr(gem_module, "FAST_LINEAR", fast)
     stream = _stream("class", n_tasks=4)
-    model = _model(stream)
+    model = _model(stream, hidden=(16, 8))
     gem = build_method("gem", None, {"buffer_size": 40, "margin": 0.5})
     gem.setup(model, stream, seed=0)
     for t in range(3):
@@ -226,6 +230,38 @@ def test_gem_step_projects_as_brute_force():
         else:
             assert torch.equal(got, g)
     assert projected > 0 and projected == gem.projected
+
+
+def test_gem_linear_factors_equal_the_materialized_gradients():
+    """G g, G Gᵀ (both Gram formulas) and Gᵀ v from the factors against the per-task gradient rows."""
+    stream = _stream("class", n_tasks=2)
+    model = _model(stream, hidden=(12, 8))
+    gen = torch.Generator().manual_seed(0)
+    k, m = 3, 4
+    x = torch.randn(k, m, *stream.input_shape, generator=gen)
+    y = torch.randint(0, 4, (k, m), generator=gen)
+    counts = torch.tensor([4, 2, 3])
+    weight = (torch.arange(m)[None] < counts[:, None]).float() / counts[:, None]
+    active = torch.arange(stream.n_outputs)[None] < torch.tensor([[4], [6], [4]])
+    params = named_params(model)
+    rows = task_gradients(model, x, y, weight, active, params)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    factors = LinearFactors.build(model, x, y, weight, active, params)
+    assert factors is not None
+    assert torch.allclose(factors.dots(), rows @ g, rtol=1e-4, atol=1e-6)
+    for kernel in (True, False):
+        assert torch.allclose(factors.gram(kernel), rows @ rows.T, rtol=1e-4, atol=1e-6)
+    v = torch.tensor([0.5, 1.5, 2.0])
+    factors.add(v)
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in model.parameters()]), g + rows.T @ v, atol=1e-5)
+    # a conv model takes the materialized path
+    cnn = build_model(compose_config("model=cnn").model, (1, 32, 32), 4)
+    xc = torch.randn(1, 2, 1, 32, 32)
+    one = torch.ones(1, 2) / 2
+    y0, on = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool)
+    assert LinearFactors.build(cnn, xc, y0, one, on, named_params(cnn)) is None
 
 
 # ---------------------------------------------------------------------------------------- LwF

@@ -99,17 +99,22 @@ def nonneg_qp(q: np.ndarray, c: np.ndarray, max_iter: int | None = None) -> np.n
     return w
 
 
+def dual_solution(q: Tensor, c: Tensor, margin: float, eps: float) -> Tensor:
+    """v* of GEM's dual for Q = G Gᵀ (k × k) and c = G g, in ``c``'s dtype and device: the k × k problem
+    in float64 NumPy on the host (mammoth: quadprog in float64)."""
+    qn = q.double().cpu().numpy()
+    qn = 0.5 * (qn + qn.T) + eps * np.eye(qn.shape[0])
+    # v = γ + w, w ≥ 0:  ½ wᵀ Q w + (c + γ Q 1)ᵀ w + const
+    w = nonneg_qp(qn, c.double().cpu().numpy() + margin * qn.sum(1))
+    return torch.from_numpy(w + margin).to(device=c.device, dtype=c.dtype)
+
+
 def gem_project(g: Tensor, memories: Tensor, margin: float, eps: float) -> Tensor:
     """GEM's projected gradient (``project2cone2``): g̃ = Gᵀ v* + g with v* the dual solution above.
     ``memories`` is G (k × p). G Gᵀ and G g are computed on the device in the gradients' dtype, the k × k
     dual in float64 on the host (mammoth: all of it in float64 NumPy; the results agree to ~1e-7
     relative, float32's rounding, at a third of the time: tests/test_baselines_a.py)."""
-    q = (memories @ memories.T).double().cpu().numpy()
-    q = 0.5 * (q + q.T) + eps * np.eye(q.shape[0])
-    c = (memories @ g).double().cpu().numpy()
-    # v = γ + w, w ≥ 0:  ½ wᵀ Q w + (c + γ Q 1)ᵀ w + const
-    w = nonneg_qp(q, c + margin * q.sum(1))
-    v = torch.from_numpy(w + margin).to(device=g.device, dtype=g.dtype)
+    v = dual_solution(memories @ memories.T, memories @ g, margin, eps)
     return memories.T @ v + g
 
 
@@ -174,6 +179,105 @@ def task_gradients(
 
     per_task = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0), randomness="different")(detached, x, y, weight, active)
     return torch.cat([per_task[n].reshape(x.shape[0], -1) for n in names], 1)
+
+
+#: use the Linear-layer factors when every trainable parameter is in an nn.Linear (tests switch it off)
+FAST_LINEAR = True
+
+
+class LinearFactors:
+    """Per-task memory gradients of a model whose trainable parameters all live in ``nn.Linear`` layers,
+    kept as factors instead of k gradient vectors: task i's gradient of layer l is Σ_{n∈i} δ_n a_nᵀ (δ_n
+    the gradient of the weighted loss at the layer's output, a_n its input with a 1 appended for the
+    bias). G g, G Gᵀ and Gᵀ v then cost a few matrix products of the memory's size and no k × p
+    gradient is materialized (on the CPU, allocating it each step cost more than the rest).
+    ``None`` from :meth:`build` when the model does not qualify (another layer type, batch norm, a
+    Linear applied more than once)."""
+
+    def __init__(self, layers: list[tuple[nn.Linear, Tensor, Tensor]], k: int, m: int):
+        self.layers, self.k, self.m = layers, k, m
+
+    @classmethod
+    def build(cls, model: nn.Module, x: Tensor, y: Tensor, weight: Tensor, active: Tensor, params: dict[str, Tensor]):
+        if not FAST_LINEAR or has_batch_norm(model):
+            return None
+        linears = [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
+        owned = {id(mod.weight) for mod in linears} | {id(mod.bias) for mod in linears if mod.bias is not None}
+        if {id(p) for p in params.values()} != owned or not all(mod.weight.requires_grad for mod in linears):
+            return None
+        k, m = weight.shape
+        seen: dict[nn.Linear, list[tuple[Tensor, Tensor]]] = {mod: [] for mod in linears}
+
+        def hook(mod, args, out):
+            seen[mod].append((args[0], out))
+
+        handles = [mod.register_forward_hook(hook) for mod in linears]
+        try:
+            logits = model(x.flatten(0, 1))
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
+            return None
+        n_out = logits.shape[1]
+        mask = active[:, None, :].expand(k, m, n_out).reshape(k * m, n_out)
+        loss = masked_cross_entropy(logits, y.flatten(), mask, weight.flatten())
+        outs = [seen[mod][0][1] for mod in linears]
+        deltas = torch.autograd.grad(loss, outs)
+        layers = []
+        for mod, d in zip(linears, deltas, strict=True):
+            a = seen[mod][0][0].detach()
+            if mod.bias is not None:
+                a = torch.cat([a, a.new_ones(len(a), 1)], 1)
+            layers.append((mod, d.detach(), a))
+        return cls(layers, k, m)
+
+    @staticmethod
+    def _grad(mod: nn.Linear) -> Tensor:
+        """The layer's current gradient as (out, in [+1 for the bias])."""
+        w = mod.weight.grad if mod.weight.grad is not None else torch.zeros_like(mod.weight)
+        if mod.bias is None:
+            return w
+        b = mod.bias.grad if mod.bias.grad is not None else torch.zeros_like(mod.bias)
+        return torch.cat([w, b[:, None]], 1)
+
+    def dots(self) -> Tensor:
+        """G g (k,), g = the layers' current ``.grad``."""
+        per_sample = sum(((a @ self._grad(mod).T) * d).sum(1) for mod, d, a in self.layers)
+        return per_sample.view(self.k, self.m).sum(1)
+
+    def gram(self, kernel: bool | None = None) -> Tensor:
+        """G Gᵀ (k × k): per layer, Σ_{n,n'} (δ_n·δ_n')(a_n·a_n') summed within tasks (``kernel``), or
+        the per-task gradients materialized for that layer; by default whichever costs fewer products
+        (the kernel for a memory small against the layer)."""
+        k, m = self.k, self.m
+        total = None
+        for _, d, a in self.layers:
+            n, n_out, n_in = len(d), d.shape[1], a.shape[1]
+            use_kernel = n * n * (n_out + n_in) <= n * n_out * n_in + k * k * n_out * n_in if kernel is None else kernel
+            if use_kernel:
+                q = ((d @ d.T) * (a @ a.T)).view(k, m, k, m).sum((1, 3))
+            else:
+                g = torch.bmm(d.view(k, m, n_out).transpose(1, 2), a.view(k, m, n_in)).flatten(1)
+                q = g @ g.T
+            total = q if total is None else total + q
+        return total
+
+    @torch.no_grad()
+    def add(self, v: Tensor) -> None:
+        """``.grad`` += Gᵀ v: per layer (δ ⊙ v_task)ᵀ a."""
+        scale = v.repeat_interleave(self.m)[:, None]
+        for mod, d, a in self.layers:
+            step = (d * scale).T @ a
+            if mod.weight.grad is None:
+                mod.weight.grad = torch.zeros_like(mod.weight)
+            if mod.bias is None:
+                mod.weight.grad += step
+                continue
+            mod.weight.grad += step[:, :-1]
+            if mod.bias.grad is None:
+                mod.bias.grad = torch.zeros_like(mod.bias)
+            mod.bias.grad += step[:, -1]
 
 
 # ---------------------------------------------------------------------------- the memory
@@ -296,9 +400,20 @@ class GEM(EpisodicMethod):
         return task_gradients(model, mem.x[idx], mem.y[idx], weight, active, named_params(model))
 
     def after_backward(self, model: nn.Module, batch: Batch | None = None) -> None:
-        memories = self.memory_gradients(model)
-        if memories is None:
+        if self.memory.filled == 0:
             return
+        idx, weight, active = self.layout()
+        factors = LinearFactors.build(
+            model, self.memory.x[idx], self.memory.y[idx], weight, active, named_params(model)
+        )
+        if factors is not None:
+            c = factors.dots()
+            if not bool((c < 0).any()):
+                return
+            self.projected += 1
+            factors.add(dual_solution(factors.gram(), c, self.margin, self.eps))
+            return
+        memories = self.memory_gradients(model)
         params = list(named_params(model).values())
         g = flat_grad(params)
         if not bool((memories @ g < 0).any()):
