@@ -59,8 +59,14 @@ METHODS = [
     ("rwalk", {}, 1),
     ("scp", {"scp_samples": 256}, 1),
     ("replay", {}, 0),  # batch 128 + 128 replayed from a full memory of 1000 (filled during the warm-up)
+    ("lwf", {}, 1),  # + the frozen copy's forward (distillation of the shared head: domain layout)
+    ("agem", {"buffer_size": 500}, 4),  # + forward/backward of 128 memory samples, projection
+    ("gem", {"buffer_size": 200}, 4),  # 5 tasks: 4 memories of 40
+    ("gem", {"buffer_size": 200}, 19),  # 20 tasks: 19 memories of 10 (the DER table's 200)
+    ("gem", {"buffer_size": 500}, 19),  # 20 tasks: 19 memories of 25 (the DER table's 500)
+    ("icarl", {"buffer_size": 500}, 1),  # BCE; domain layout: no old classes, so no frozen-copy forward
 ]
-NO_STRENGTH = ("finetune", "replay")
+NO_STRENGTH = ("finetune", "replay", "agem", "gem", "icarl")
 
 
 def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
@@ -169,7 +175,7 @@ def main(argv=None) -> None:
         base = statistics.median(times[0])
         for (name, options, n_tasks), ts in zip(METHODS, times, strict=True):
             ms = statistics.median(ts)
-            opts = ",".join(f"{k}={v}" for k, v in options.items() if k == "grad")
+            opts = ",".join(f"{k}={v}" for k, v in options.items() if k in ("grad", "buffer_size"))
             print(f"{name:<12} {opts:<24} {n_tasks:>10} {ms:>9.2f} {ms / base:>11.2f}", flush=True)
 
     if not args.skip_fisher:
