@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from cl_runner.app import run_experiment
+from cl_runner.run import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.methods import build_method
 from cl_runner.methods import gem as gem_module
