@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from cl_runner.run import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.methods import build_method
 from cl_runner.methods import gem as gem_module
@@ -29,6 +28,7 @@ from cl_runner.methods.icarl import herding
 from cl_runner.methods.lwf import LWF_STREAM, soft_cross_entropy
 from cl_runner.methods.per_sample import task_generator
 from cl_runner.models import build_model
+from cl_runner.run import run_experiment
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
 
