@@ -19,6 +19,7 @@ memory are checked before a run starts; :func:`load` reads the whole file once.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,23 +122,31 @@ def _npz_header(path: str) -> dict[str, Entry]:
 
 
 def _torch_load(path: str, mmap: bool) -> Any:
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; before, a pickle stream
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                raise _fail(path, "not a file written by torch.save (neither its zip format nor a pickle)")
+        mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError as e:
         if mmap and "mmap" in str(e) and "_use_new_zipfile_serialization" in str(e):
-            return _torch_load(path, mmap=False)  # the legacy format (or not a torch file at all)
+            return _torch_load(path, mmap=False)
         raise _fail(path, f"not a file written by torch.save ({_first_line(e)})") from None
     except OSError as e:
         raise _fail(path, f"cannot read it: {(e.strerror or _first_line(e)).lower()}") from None
     except Exception as e:  # pickle.UnpicklingError: weights_only refused an object; EOFError: truncated
-        reason = _first_line(e)
-        if "Weights only load failed" in reason or "weights_only" in reason:
+        text = str(e)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
             raise _fail(
                 path,
-                "holds objects that torch.load(weights_only=True) refuses (nothing in a data file may run code); "
-                "save a dict of tensors: torch.save({'x_train': torch.as_tensor(x), ...}, path)",
+                f"holds a {found.group(1)} object, which torch.load(weights_only=True) refuses (nothing in a data "
+                "file may run code); save a dict of tensors: torch.save({'x_train': torch.as_tensor(x), ...}, path)",
             ) from None
-        raise _fail(path, f"not a file written by torch.save ({type(e).__name__}: {reason})") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = detail.group(1).strip() if detail else _first_line(e)
+        raise _fail(path, f"not a file written by torch.save, or damaged ({type(e).__name__}: {reason})") from None
 
 
 def _pt_tensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
