@@ -415,20 +415,19 @@ def test_labels_not_cut_evenly_are_refused_with_the_key(tmp_path):
 N_CLASSES = 5
 
 
-def _images(train: bool, n: int = 20, size: int = 7, channels: int = 1) -> tuple[np.ndarray, list[int]]:
+def _images(train: bool, n: int = 20, size: int = 7, channels: int = 1, n_classes: int = N_CLASSES):
     rng = np.random.default_rng(1 if train else 2)
     shape = (n, size, size) if channels == 1 else (n, size, size, channels)
-    return rng.integers(0, 256, size=shape, dtype=np.uint8), [i % N_CLASSES for i in range(n)]
+    return rng.integers(0, 256, size=shape, dtype=np.uint8), [i % n_classes for i in range(n)]
 
 
 class TinyMNIST:
-    """torchvision's MNIST interface: .data uint8 (N, H, W), .targets, items (PIL image, int)."""
+    """torchvision's MNIST interface: .data uint8 (N, H, W), .targets, .classes, items (PIL image, int)."""
 
-    classes = [f"c{i}" for i in range(N_CLASSES)]
-
-    def __init__(self, root, train=True, transform=None, target_transform=None, download=False, size=7):
-        x, y = _images(train, size=size)
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False, size=7, n_classes=5):
+        x, y = _images(train, size=size, n_classes=n_classes)
         self.data, self.targets, self.root = torch.as_tensor(x), torch.as_tensor(y), root
+        self.classes = [f"c{i}" for i in range(n_classes)]
 
     def __len__(self):
         return len(self.targets)

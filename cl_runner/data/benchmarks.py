@@ -565,8 +565,9 @@ def _sizes(opts: Mapping[str, Any]) -> list[tuple[int, int, tuple[int, ...]]] | 
 def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
     """The stream's memory, as built by :func:`build_stream`: float32 inputs and int64 labels of
     the loaded data, their padded copy, the copies the kind makes (split: the tasks' share of the
-    data; permuted / rotated: the whole data per transformed task; sequence: none), and one more copy
-    of every task when it is subset or normalized. An upper bound of the peak (freed copies counted)."""
+    data; permuted / rotated: the whole data per transformed task; sequence: none), a copy of every
+    task that is subset or normalized, and the tasks' labels. Every one of these is counted although
+    the read and padded copies are freed on the way: an upper bound of the peak."""
     kind, pad = opts["kind"], opts["pad"]
     loaded = padded = 0
     per_sample = 0
@@ -577,16 +578,15 @@ def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ..
         after = _padded(shape, pad)
         per_sample = 4 * math.prod(after)
         if after != tuple(shape):
-            padded += n * (per_sample + 8)
+            padded += n * per_sample
         n_train, n_test = n_train + ntr, n_test + nte
     n_all = n_train + n_test
     if kind == "split":
-        opts_classes = INFO[_source(opts)[0][1]].n_classes if _source(opts)[0][0] == "name" else None
-        plan = None
-        if opts_classes is not None:
-            plan = _split_plan(opts, list(range(opts_classes)), _label(_source(opts)[0]))
-        share = 1.0 if plan is None else plan[1] * plan[2] / opts_classes
-        n_tasks = plan[1] if plan is not None else 1
+        how, name = _source(opts)[0]
+        classes = INFO[name].n_classes if how == "name" else None  # a file's classes: all of it, at most
+        plan = _split_plan(opts, list(range(classes)), name) if classes else None
+        share = plan[1] * plan[2] / classes if plan else 1.0
+        n_tasks = plan[1] if plan else 1
         copies, task_train, task_test = share, share * n_train / n_tasks, share * n_test / n_tasks
         what = f"{n_tasks} task{'s' if n_tasks > 1 else ''} cut from {n_all} samples"
         key = "benchmark.pad" if pad else ("benchmark.path" if opts.get("path") else "benchmark.dataset")
@@ -608,11 +608,12 @@ def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ..
         what = f"{n_tasks} datasets of {n_all} samples"
         key = "benchmark.datasets"
     parts = copies * n_all * (per_sample + (8 if kind == "split" else 0))
-    limit_tr, limit_te = opts["max_train_per_task"], opts["max_test_per_task"]
-    tr = min(task_train, limit_tr) if limit_tr else task_train
-    te = min(task_test, limit_te) if limit_te else task_test
-    copied = opts["normalize"] is not None or limit_tr is not None or limit_te is not None
-    tasks = n_tasks * (tr + te) * ((per_sample if copied else 0) + 8)
+    # each task: a subset is a copy, normalizing makes one more (the subset's is freed), labels are new
+    norm, tasks = opts["normalize"] is not None, 0.0
+    for n, limit in ((task_train, opts["max_train_per_task"]), (task_test, opts["max_test_per_task"])):
+        kept = min(n, limit) if limit else n
+        copied = norm or (limit is not None and limit < n)
+        tasks += n_tasks * kept * ((per_sample if copied else 0) + 8)
     total = int(loaded + padded + parts + tasks)
     shape = "×".join(map(str, _padded(sizes[-1][2], pad)))
     return {
@@ -675,8 +676,9 @@ def _check_fits(opts: Mapping[str, Any], sizes: list, device: torch.device, avai
         if amount > free:
             key = need["key"]
             value = opts.get(key.split(".", 1)[1])
+            shown = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else _show(value)
             raise ValueError(
-                f"{key}={_show(value)}: the task stream needs {_human(amount)} ({need['what']}) but {place} has "
+                f"{key}={shown}: the task stream needs {_human(amount)} ({need['what']}) but {place} has "
                 f"{_human(free)} available; use fewer or smaller tasks (benchmark.max_train_per_task, "
                 "benchmark.n_tasks) or another device"
             )
