@@ -203,6 +203,24 @@ def test_a_run_on_the_users_file(tmp_path, compose_cfg, one_thread):
     assert m["status"] == "ok" and m["benchmark"] == "mine" and len(m["accuracy_matrix"]) == 2
 
 
+def test_a_run_on_a_dataset_class_from_the_command_line(tmp_path, compose_cfg, one_thread):
+    from cl_runner.app import run_experiment
+
+    cfg = compose_cfg(
+        "benchmark=torchvision",
+        "benchmark.dataset._target_=test_arrays.TinyMNIST",
+        "+benchmark.dataset.n_classes=4",
+        "benchmark.name=tiny",
+        f"data_dir={tmp_path}",
+        "model=cnn",
+        "benchmark.pad=16",
+        "epochs=1",
+        "threads=1",
+    )
+    m = run_experiment(cfg, tmp_path / "out")
+    assert m["status"] == "ok" and m["benchmark"] == "tiny" and len(m["accuracy_matrix"]) == 2
+
+
 # ----------------------------------------------------------------------------- bad files
 class Payload:
     """Unpickling this calls os.system: a .pt data file must never get that far."""

@@ -306,6 +306,8 @@ def _source(opts: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """Where the data come from: [("name", n) | ("path", p) | ("target", {...})], one per dataset."""
     if opts["kind"] == "sequence":
         return [("name", n) for n in opts["datasets"]]
+    if "dataset" not in opts or "path" not in opts:  # a kind registered without SOURCE's options
+        raise ValueError(f"benchmark kind {opts['kind']} declares neither benchmark.dataset nor benchmark.path")
     dataset, path = opts.get("dataset"), opts.get("path")
     if path is not None:
         return [("path", path)]
@@ -329,8 +331,7 @@ def _check_source(opts: dict[str, Any]) -> None:
         if not opts["datasets"]:
             raise OptionError("benchmark.datasets", "benchmark.datasets must be a list of dataset names, got []")
         return
-    if "dataset" not in opts:  # a kind that declares its own source
-        return
+    _source(opts)  # the kind declares where its data come from
     if opts["path"] is not None and opts["dataset"] is not None:
         raise OptionError(
             "benchmark.path",
