@@ -182,7 +182,7 @@ def test_unknown_keys_are_refused_naming_the_valid_ones(name, key, close, user_f
 
 def test_pad_and_normalize_against_the_images():
     with pytest.raises(
-        ValueError, match=r"^benchmark.pad must be 0 \(keep mnist's 28×28 images\) or a size in \[28, 112\]"
+        ValueError, match=r"^benchmark.pad must be 0 \(keep the 28×28 images of mnist\) or a size in \[28, 112\]"
     ):
         check_benchmark(base("split_mnist", "") | {"pad": 20}, "class")
     assert input_shape(base("split_mnist", "") | {"pad": 28}) == (1, 28, 28)

@@ -150,6 +150,16 @@ class DatasetName(Spec):
 
 
 @dataclass(frozen=True)
+class DatasetNames(ListOf):
+    """A list of registered datasets' names (the sequence kind's ``datasets``)."""
+
+    item: Spec = DatasetName()
+
+    def _what(self) -> str:
+        return f"a list of dataset names from: {', '.join(sorted(LOADERS))}"
+
+
+@dataclass(frozen=True)
 class Dataset(Spec):
     """A registered dataset's name, or ``{_target_: <a dataset class>, <its constructor arguments>}``."""
 
@@ -181,16 +191,15 @@ class DataPath(Spec):
         return "the path of an .npz file (numpy.savez) or a .pt file (torch.save of a dict of tensors)"
 
 
-_PER_CHANNEL = "or a list of one per channel"
 NORMALIZE_FIELDS = Fields(
     fields=(
-        ("mean", AnyOf(alternatives=(Float(), Described(item=Float(), described=f"a finite number {_PER_CHANNEL}")))),
+        ("mean", AnyOf(alternatives=(Float(), Described(item=Float(), described="a list of one per channel")))),
         (
             "std",
             AnyOf(
                 alternatives=(
                     Float(lo=0, lo_open=True),
-                    Described(item=Float(lo=0, lo_open=True), described=f"a number > 0 {_PER_CHANNEL}"),
+                    Described(item=Float(lo=0, lo_open=True), described="a list of one per channel (each > 0)"),
                 )
             ),
         ),
@@ -210,7 +219,7 @@ class Normalize(Spec):
         raise self.error(key, value)
 
     def _what(self) -> str:
-        return f"auto or {{mean: a number {_PER_CHANNEL}, std: a number > 0 {_PER_CHANNEL}}}"
+        return "auto or {mean: a number or one per channel, std: a number > 0 or one per channel}"
 
 
 def _per_task(what: str) -> Int:
@@ -279,7 +288,7 @@ ROTATED_OPTIONS: dict[str, Option] = {
     ),
 }
 SEQUENCE_OPTIONS: dict[str, Option] = {
-    "datasets": (Described(item=DatasetName(), max_len=MAX_TASKS, described="a list of dataset names"), None),
+    "datasets": (DatasetNames(max_len=MAX_TASKS), None),
 }
 
 
@@ -329,7 +338,7 @@ def _check_source(opts: dict[str, Any]) -> None:
     """One source, and what can be known of it without reading data."""
     if opts["kind"] == "sequence":
         if not opts["datasets"]:
-            raise OptionError("benchmark.datasets", "benchmark.datasets must be a list of dataset names, got []")
+            raise DatasetNames().error("benchmark.datasets", [])
         return
     _source(opts)  # the kind declares where its data come from
     if opts["path"] is not None and opts["dataset"] is not None:
@@ -383,7 +392,8 @@ def _check_shape(opts: Mapping[str, Any], shape: tuple[int, ...], where: str) ->
         if pad and not side <= pad <= most:
             raise OptionError(
                 "benchmark.pad",
-                f"benchmark.pad must be 0 (keep {where}'s {h}×{w} images) or a size in [{side}, {most}], got {pad}",
+                f"benchmark.pad must be 0 (keep the {h}×{w} images of {where}) or a size in [{side}, {most}], "
+                f"got {pad}",
             )
     norm = opts["normalize"]
     if isinstance(norm, Mapping):
