@@ -195,7 +195,7 @@ def test_the_file_is_read_once_for_the_check_and_the_run(tmp_path, monkeypatch):
 
 
 def test_a_run_on_the_users_file(tmp_path, compose_cfg, one_thread):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     path = save(tmp_path / "run.npz", fake(shape=(4, 4), n_classes=4))
     cfg = compose_cfg("benchmark=arrays", f"benchmark.path={path}", "benchmark.name=mine", "epochs=1", "threads=1")
@@ -204,7 +204,7 @@ def test_a_run_on_the_users_file(tmp_path, compose_cfg, one_thread):
 
 
 def test_a_run_on_a_dataset_class_from_the_command_line(tmp_path, compose_cfg, one_thread):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     cfg = compose_cfg(
         "benchmark=torchvision",

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.data import arrays as A
 from cl_runner.data import benchmarks as B
-from cl_runner.data import vision as V
+from cl_runner.data import target as TG
 from cl_runner.data.benchmarks import (
     build_stream,
     check_benchmark,
@@ -151,8 +151,8 @@ def test_check_benchmark_reads_no_file(user_file, monkeypatch):
 
     monkeypatch.setattr(A, "load", fail)
     monkeypatch.setattr(A, "header", fail)
-    monkeypatch.setattr(V, "load_target", fail)
-    monkeypatch.setattr(V, "target_shape", fail)
+    monkeypatch.setattr(TG, "load_target", fail)
+    monkeypatch.setattr(TG, "target_shape", fail)
     monkeypatch.setattr(B, "load_dataset", fail)
     for name in YAMLS:
         cfg = base(name, user_file)

@@ -178,6 +178,31 @@ def header(path: str) -> dict[str, Entry]:
     return entries
 
 
+def _check_split(path: str, entries: Mapping[str, Entry], split: str) -> None:
+    """One split's inputs (numbers, 2 to 4 dimensions, not empty) and its labels / task ids (integers,
+    one per sample)."""
+    x = entries[f"x_{split}"]
+    if x.kind not in "fiu":
+        raise _fail(path, f"key 'x_{split}' holds {x.dtype} values; inputs must be numbers (float or integer)")
+    if not 2 <= len(x.shape) <= 4:
+        raise _fail(
+            path,
+            f"key 'x_{split}' has shape {x.shape}; inputs must be (N, C, H, W) or (N, H, W) images or (N, D) features",
+        )
+    if x.shape[0] == 0:
+        raise _fail(path, f"key 'x_{split}' is empty (0 samples)")
+    if 0 in x.shape:
+        raise _fail(path, f"key 'x_{split}' has shape {x.shape}: a sample with no values")
+    for key in (f"y_{split}", f"t_{split}"):
+        e = entries.get(key)
+        if e is None:
+            continue
+        if e.kind not in "iu":
+            raise _fail(path, f"key '{key}' holds {e.dtype} values; {_what(key)} must be integers")
+        if len(e.shape) != 1 or e.shape[0] != x.shape[0]:
+            raise _fail(path, f"key '{key}' has shape {e.shape} but x_{split} has {x.shape[0]} samples: shape mismatch")
+
+
 def check_header(path: str, entries: Mapping[str, Entry]) -> None:
     """Keys present, dimensions, types and lengths agree; DataFileError naming the key otherwise."""
     missing = [k for k in REQUIRED if k not in entries]
@@ -193,29 +218,7 @@ def check_header(path: str, entries: Mapping[str, Entry]) -> None:
         other = TASK_IDS[1 - TASK_IDS.index(has[0])]
         raise _fail(path, f"key '{other}' is missing: task ids come as both {' and '.join(TASK_IDS)}, or neither")
     for split in ("train", "test"):
-        x = entries[f"x_{split}"]
-        if x.kind not in "fiu":
-            raise _fail(path, f"key 'x_{split}' holds {x.dtype} values; inputs must be numbers (float or integer)")
-        if not 2 <= len(x.shape) <= 4:
-            raise _fail(
-                path,
-                f"key 'x_{split}' has shape {x.shape}; inputs must be (N, C, H, W) or (N, H, W) images "
-                "or (N, D) features",
-            )
-        if x.shape[0] == 0:
-            raise _fail(path, f"key 'x_{split}' is empty (0 samples)")
-        if 0 in x.shape:
-            raise _fail(path, f"key 'x_{split}' has shape {x.shape}: a sample with no values")
-        for key in (f"y_{split}", f"t_{split}"):
-            e = entries.get(key)
-            if e is None:
-                continue
-            if e.kind not in "iu":
-                raise _fail(path, f"key '{key}' holds {e.dtype} values; {_what(key)} must be integers")
-            if len(e.shape) != 1 or e.shape[0] != x.shape[0]:
-                raise _fail(
-                    path, f"key '{key}' has shape {e.shape} but x_{split} has {x.shape[0]} samples: shape mismatch"
-                )
+        _check_split(path, entries, split)
     if entries["x_train"].shape[1:] != entries["x_test"].shape[1:]:
         raise _fail(
             path,
