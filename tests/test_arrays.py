@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cl_runner.data import arrays as A
-from cl_runner.data import benchmarks as B
+from cl_runner.data import memory as M
 from cl_runner.data.benchmarks import build_stream, check_benchmark, check_data, input_shape
 from cl_runner.data.datasets import DatasetUnavailable
 
@@ -538,7 +538,7 @@ def test_dataset_class_with_labels_out_of_range_is_refused(tmp_path):
 
 
 def test_memory_of_a_dataset_class_is_checked_once_it_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "available_memory", lambda device: (1000, "the machine (MemAvailable)"))
+    monkeypatch.setattr(M, "available_memory", lambda device: (1000, "the machine (MemAvailable)"))
     with pytest.raises(ValueError, match=r"the task stream needs .* but the machine \(MemAvailable\) has 1 kB"):
         build_stream(
             bench("torchvision", dataset={"_target_": "test_arrays.TinyMNIST"}, n_tasks=1),

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.data import arrays as A
 from cl_runner.data import benchmarks as B
+from cl_runner.data import memory as M
 from cl_runner.data import target as TG
 from cl_runner.data.benchmarks import (
     build_stream,
@@ -25,6 +26,7 @@ from cl_runner.data.benchmarks import (
     estimate_bytes,
     input_shape,
 )
+from cl_runner.data.specs import Normalize
 from cl_runner.options import Float, Int, ListOf
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
@@ -118,7 +120,7 @@ def _numeric_or_list_keys(name: str) -> list[str]:
     for key, value in cfg.items():
         spec = specs[key][0]
         numeric = isinstance(value, (int, float, list, dict)) and not isinstance(value, bool)
-        if numeric or isinstance(spec, (Int, Float, ListOf, B.Normalize)):
+        if numeric or isinstance(spec, (Int, Float, ListOf, Normalize)):
             keys.append(key)
     return keys
 
@@ -304,7 +306,7 @@ def test_rotated_angles_drive_the_memory_message():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_memory_is_the_devices_free_memory():
-    free, where = B.available_memory("cuda")
+    free, where = M.available_memory("cuda")
     assert free == torch.cuda.mem_get_info()[0] and where.startswith("cuda")
     with pytest.raises(ValueError, match=r"^benchmark.n_tasks=10000: .* but cuda"):
         check_memory(base("permuted_mnist", "") | {"n_tasks": 10_000}, "cuda")
