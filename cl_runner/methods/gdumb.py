@@ -43,8 +43,9 @@ Where the codes differ and what is followed:
 The fit draws its shuffles from a generator seeded from the run's seed and the task, and anything the
 model draws itself (dropout) from the global RNG re-seeded the same way inside ``fork_rng``: the fit
 is a function of the memory, the seed and t, and leaves the global RNG, the run's model and its
-optimizer as they were. The trained model is kept until the memory changes (an evaluation with
-``eval_every: epoch`` reuses it). No strength: ``lambda`` is refused.
+optimizer as they were. The trained model is kept until the memory changes (a second evaluation
+of the same memory reuses it; with zero training steps, ``eval_every: epoch`` adds no evaluations).
+No strength: ``lambda`` is refused.
 """
 
 from __future__ import annotations
@@ -138,14 +139,6 @@ class GDumb(Method):
         if model is not None:
             self._template = copy.deepcopy(model)
             self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def check_model(self, model: nn.Module) -> None:
-        head = getattr(model, "head", None)
-        if isinstance(head, nn.Linear) and self.buffer_size < head.out_features:
-            raise ValueError(
-                f"method.buffer_size={self.buffer_size} is smaller than the model's {head.out_features} output units: "
-                "GDumb's class-balanced memory needs at least one slot per class"
-            )
 
     def state_dict(self) -> dict[str, Any]:
         return {

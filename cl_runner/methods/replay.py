@@ -21,9 +21,19 @@ task j at that point, ``stream.eval_units(t, j)``: in class-IL all classes seen 
 unit keeps competing with the new ones); in task-IL task j's own head; in domain-IL the shared head.
 When those differ from the batch's units (task-IL) the batch carries one range per sample.
 
-Random draws (reservoir and replay) come from one CPU generator seeded from the run's seed, never
-from the global RNG; the memory and the generator's state are part of the checkpoint, so a resumed
-run continues the same draws. No strength: ``lambda`` is refused.
+This is the DER paper's ER (Buzzega et al. 2020, Table 2; mammoth c66408f ``models/er.py``): with
+``replay_batch`` = mammoth's ``--minibatch_size`` a step computes what mammoth's ``observe`` does —
+the mean cross-entropy over cat(batch, min(minibatch_size, memory filled) memory samples drawn
+without replacement), over the whole head in the table's settings (S-MNIST with
+``active_units=all``, P-/R-MNIST's shared head), then the batch alone offered to the reservoir
+after the optimizer step (tests/test_baselines_b.py checks one step against that code). mammoth
+draws from numpy's global RNG, sample by sample; the distributions are the same.
+
+The memory is the shared :class:`~cl_runner.methods.memory.ReservoirMemory` (``self.buffer``;
+``memory``, ``n_seen`` and ``filled`` read it). Random draws (reservoir and replay) come from one
+CPU generator seeded from the run's seed, never from the global RNG; the memory and the
+generator's state are part of the checkpoint, so a resumed run continues the same draws. No
+strength: ``lambda`` is refused.
 """
 
 from __future__ import annotations
