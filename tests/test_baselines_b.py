@@ -1,7 +1,7 @@
 """DER, DER++, ER-ACE, GDumb and the shared memories (cl_runner/methods/{memory,der,derpp,er_ace,gdumb}.py).
 
 - the memories against plain Python loops on the same draws (reservoir with extras; GDumb's greedy
-  class-balanced sampler, the paper's Algorithm 1 one sample at a time);
+  class-balanced sampler as the paper describes it, one sample at a time);
 - each step's loss against a literal re-implementation of the reference code's ``observe``: mammoth
   c66408f's ER (= ``replay``), DER, DER++ (two forwards, the same memory draws), the authors' ER-ACE
   (pclucas14/AML: masked_fill(-1e9) over present + unseen classes); GDumb's learning-rate schedule
@@ -74,7 +74,7 @@ def test_reservoir_memory_with_extras_equals_the_sequential_algorithm():
 
 
 class GreedyBalancedReference:
-    """GDumb's sampler (Prabhu et al. 2020, Algorithm 1), one sample at a time, in plain Python:
+    """GDumb's sampler (Prabhu et al. 2020), one sample at a time, in plain Python:
     with Y the classes seen before this sample and k_c = size // |Y|, a sample of a new class, or of
     a class with fewer than k_c members, is kept — while there is room simply added, else replacing
     a member of the largest class (the lowest class among equals). Which member: the one with the

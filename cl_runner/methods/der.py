@@ -1,4 +1,4 @@
-"""DER, Dark Experience Replay (Buzzega et al. 2020, eq. 6): a reservoir memory of past samples
+"""DER, Dark Experience Replay (Buzzega et al. 2020): a reservoir memory of past samples
 with the logits the model gave them, and the current logits on memory samples pulled towards those.
 
     L = CE(f(x), y)  +  α · MSE(f(x'), z'),     (x', z') ~ memory
@@ -13,7 +13,11 @@ c66408f, ``models/der.py``), which ran the published table:
   (``after_step``), every sample with its logits, by algorithm R (:mod:`cl_runner.methods.memory`);
 - z covers every output unit of the model, also units that were not active when it was stored (in
   class-IL with the seen-class mask, or the other heads in task-IL): mammoth's 10-unit S-MNIST head
-  is trained on all units and stores all 10; the MSE runs over all units, whatever the scenario;
+  is trained on all units and stores all 10; the MSE runs over all units, whatever the scenario.
+  With the seen-class mask (``active_units=seen``) the stored outputs of units not active yet are
+  an untrained unit's, and the MSE holds old samples' outputs there: on class-IL split digits (the
+  default Adam, 3 epochs, seeds 0 and 1) DER's ACC was 16.2 / 16.8 % against finetune's 18.5 /
+  14.9 %, and 32.1 / 49.4 % with ``active_units=all``;
 - the current batch's cross-entropy is over its active units (``batch.units``; with
   ``active_units=all`` every unit, mammoth's S-MNIST; domain-IL the shared head);
 - memory samples are drawn without replacement, ``min(replay_batch, memory filled)`` of them,
@@ -22,10 +26,10 @@ c66408f, ``models/der.py``), which ran the published table:
 
 One forward over the concatenation [batch, memory samples] instead of mammoth's two forwards: the
 same outputs for models without batch statistics (mammoth's MNIST MLP; with batch norm the
-statistics of a training step would be the union's). The newest mammoth and ER-ACE's authors' code
-(pclucas14/AML ``methods/der.py``) compute the same loss. No strength: α is ``alpha``; ``lambda`` is refused.
-Random draws from the method's own CPU generator; the memory (with its logits) and the generator's
-state are in the checkpoint.
+statistics of a training step would be the union's). The newest mammoth and ER-ACE's authors'
+code (pclucas14/AML ``methods/der.py``) compute the same loss. No strength: α is ``alpha``;
+``lambda`` is refused. Random draws come from the method's own CPU generator; the memory (with
+its logits) and the generator's state are in the checkpoint.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class DER(Method):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.buffer.load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever the map_location
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         self._units = replay_units(self.stream, task)
@@ -119,7 +123,7 @@ class DER(Method):
         if self._pending is None:
             return
         pending, logits = self._pending, self._logits
-        if logits is None:  # driven by hand without task_loss: the logits of the (unchanged) forward
+        if logits is None:
             raise ValueError(f"{self.name} stores the logits of the step's forward: call task_loss before after_step")
         self.buffer.add(self.generator, pending.x, pending.y, pending.task, logits=logits)
         self._pending = self._logits = None

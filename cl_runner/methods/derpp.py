@@ -1,4 +1,4 @@
-"""DER++ (Buzzega et al. 2020, eq. 7): DER plus the cross-entropy of memory samples' own labels.
+"""DER++ (Buzzega et al. 2020): DER plus the cross-entropy of memory samples' own labels.
 
     L = CE(f(x), y)  +  α · MSE(f(x'), z')  +  β · CE(f(x''), y''),   (x', z'), (x'', y'') ~ memory
 

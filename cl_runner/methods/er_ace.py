@@ -1,5 +1,5 @@
 """ER-ACE, experience replay with the asymmetric cross-entropy (Caccia et al. 2022, "New Insights on
-Reducing Abrupt Representation Change in Online Continual Learning", eq. 4):
+Reducing Abrupt Representation Change in Online Continual Learning", ICLR):
 
     L = CE_{C_in}(f(x), y)  +  CE(f(x'), y'),     (x', y') ~ reservoir memory
 
@@ -93,7 +93,7 @@ class ERACE(Method):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.buffer.load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever the map_location
         self.seen = state["seen"]
 
     def before_task(self, model: nn.Module, task: Task) -> None:

@@ -10,7 +10,7 @@ is never trained: ``training_data`` hands the trainer nothing (zero steps per ta
 random order from the method's generator, each once (the paper's stream is one pass; mammoth forces
 ``n_epochs = 1``).
 
-Sampler (:class:`~cl_runner.methods.memory.BalancedMemory`, the paper's Algorithm 1): a sample of
+Sampler (:class:`~cl_runner.methods.memory.BalancedMemory`, the paper's greedy sampler): a sample of
 class y is kept when the memory holds fewer than ⌊k / |Y|⌋ of y (|Y| the classes seen so far), in a
 free slot or in place of a random instance of the largest class; classes are output units (in
 domain-IL the shared head's labels). ``buffer_size`` (k) must be at least the number of output units.
@@ -39,6 +39,8 @@ Where the codes differ and what is followed:
   (padding 4) in training, an MLP whose hidden layers are Linear (no bias) + BatchNorm + ReLU
   (``model=mlp model.batch_norm=true model.hidden=[400,400]`` is the closest), fp16 weights; cutmix
   only for the non-MNIST benchmarks.
+- with batch norm in the model, a pass's last batch of a single sample is left out (it cannot be
+  trained in train mode; the authors' memory sizes never leave one).
 
 The fit draws its shuffles from a generator seeded from the run's seed and the task, and anything the
 model draws itself (dropout) from the global RNG re-seeded the same way inside ``fork_rng``: the fit
@@ -150,7 +152,7 @@ class GDumb(Method):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.buffer.load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever the map_location
         self.initial = dict(state["initial"])
         self._offered = int(state["offered"])
         self._fitted = None
@@ -190,6 +192,8 @@ class GDumb(Method):
         shared = bool((sample_units == sample_units[0]).all())
         lo_hi = tuple(int(u) for u in sample_units[0]) if shared else None
         device = x.device
+        # batch norm cannot train on one sample: a last batch of one is left out of that pass
+        single_ok = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
         gen = task_generator(self.seed, GDUMB_FIT + trained)
         with own_global_rng(int(torch.randint(0, 2**62, (1,), generator=gen)), device):
             params = [p for p in net.parameters() if p.requires_grad]
@@ -209,6 +213,8 @@ class GDumb(Method):
                         sched.step()
                 perm = torch.randperm(n, generator=gen).to(device, non_blocking=True)
                 for idx in perm.split(self.fit_batch):
+                    if len(idx) == 1 and not single_ok:
+                        continue
                     logits = net(x[idx])
                     if shared:
                         loss = cross_entropy(logits, y[idx], lo_hi)

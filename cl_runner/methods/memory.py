@@ -13,7 +13,7 @@ sequential algorithm on the same draws (the latest sample wins a slot drawn twic
 :meth:`ReservoirMemory.sample` draws without replacement (mammoth's ``get_data``: ``np.random.choice(…,
 replace=False)``, at most as many as the memory holds).
 
-:class:`BalancedMemory` (GDumb's greedy class-balanced sampler, Prabhu et al. 2020, Algorithm 1):
+:class:`BalancedMemory` (GDumb's greedy class-balanced sampler, Prabhu et al. 2020):
 see its docstring.
 
 Output units of replayed samples: :func:`replay_units` and :func:`joined_units` give a memory sample
@@ -166,7 +166,7 @@ def water_fill(counts: Tensor, removals: int) -> Tensor:
 
 
 class BalancedMemory:
-    """GDumb's greedy class-balanced sampler (Prabhu et al. 2020, Algorithm 1), vectorized.
+    """GDumb's greedy class-balanced sampler (Prabhu et al. 2020), vectorized.
 
     For each incoming sample (x, y), in order, with Y the classes seen so far including y and k the
     size: if the memory holds fewer than k_c = ⌊k / |Y|⌋ samples of y (a class never seen before
@@ -206,7 +206,8 @@ class BalancedMemory:
         return {"counts": self.counts, "seen": self.seen, "filled": self.filled, "memory": dict(self.tensors)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.counts, self.seen = state["counts"].clone(), state["seen"].clone()
+        # on the CPU, whatever device the checkpoint was loaded to (they index with CPU labels)
+        self.counts, self.seen = state["counts"].cpu().clone(), state["seen"].cpu().clone()
         self.filled = int(state["filled"])
         self.tensors = dict(state["memory"])
 

@@ -96,7 +96,7 @@ class Replay(Method):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.buffer.load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever the map_location
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         # one range for every sample (domain-, class-IL) unless some memory task's units differ
