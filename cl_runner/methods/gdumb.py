@@ -90,6 +90,19 @@ def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def sgdr_epoch(opt: torch.optim.Optimizer, sched: Any, epoch: int, max_lr: float) -> None:
+    """The learning rate of pass ``epoch`` as drimpossible/GDumb src/main.py sets it, line for line:
+    pass 0 at 0.1 · max_lr, pass 1 at max_lr, then one step of the SGDR scheduler per pass."""
+    if epoch == 0:
+        for group in opt.param_groups:
+            group["lr"] = max_lr * 0.1
+    elif epoch == 1:
+        for group in opt.param_groups:
+            group["lr"] = max_lr
+    else:
+        sched.step()
+
+
 class GDumb(Method):
     name = "gdumb"
     uses_strength = False
@@ -202,24 +215,13 @@ class GDumb(Method):
             )
             sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=1, T_mult=2, eta_min=self.min_lr)
             for epoch in range(self.fit_epochs):
-                if self.schedule == "sgdr":  # drimpossible/GDumb src/main.py, line for line
-                    if epoch == 0:
-                        for group in opt.param_groups:
-                            group["lr"] = self.max_lr * 0.1
-                    elif epoch == 1:
-                        for group in opt.param_groups:
-                            group["lr"] = self.max_lr
-                    else:
-                        sched.step()
-                perm = torch.randperm(n, generator=gen).to(device, non_blocking=True)
-                for idx in perm.split(self.fit_batch):
+                if self.schedule == "sgdr":
+                    sgdr_epoch(opt, sched, epoch, self.max_lr)
+                for idx in torch.randperm(n, generator=gen).to(device, non_blocking=True).split(self.fit_batch):
                     if len(idx) == 1 and not single_ok:
                         continue
-                    logits = net(x[idx])
-                    if shared:
-                        loss = cross_entropy(logits, y[idx], lo_hi)
-                    else:
-                        loss = cross_entropy(logits, y[idx], lo_hi, sample_units[idx])
+                    su = None if shared else sample_units[idx]
+                    loss = cross_entropy(net(x[idx]), y[idx], lo_hi, su)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if self.clip_grad_norm is not None:
