@@ -1,30 +1,25 @@
-"""``cl-run``: compose the config, build stream → model → method → trainer, write the results.
+"""``cl-run``: the command line — arguments, the checks before Hydra makes any folder, what each
+outcome prints and its exit code, and the quick exit. The run itself is :mod:`cl_runner.run`, the
+config checks :mod:`cl_runner.checks`.
 
-Errors in the user's input (unknown option or key, wrong type, out-of-range value, missing dataset)
-end in one line ``error: …`` and exit code 2, without a traceback. In a multirun, a job that fails
-records ``metrics.json`` with ``status: failed`` and the sweep goes on, so its summary still appears.
+Bad input (unknown option or key, wrong type, out-of-range value, missing data, a folder that cannot
+be used) ends in one line ``error: …`` and exit code 2, before any folder is made. In a multirun, a job
+that fails records ``metrics.json`` with ``status: failed`` and the sweep goes on, so its summary still
+appears; a multirun's exit code says whether every job ended ok.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import difflib
-import math
 import os
-import re
+import signal
 import sys
-import tempfile
 import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -32,419 +27,152 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from cl_runner import schema
-from cl_runner.data.datasets import DatasetUnavailable
-from cl_runner.data.stream import SCENARIOS, check_active_units
-from cl_runner.runfiles import (
-    CHECKPOINT,
-    CONFIG,
-    RunLock,
-    check_not_busy,
-    config_differences,
-    flatten,
-    load_checkpoint,
-    read_status,
-    save_checkpoint,
-    write_atomic,
-)
-
-if TYPE_CHECKING:
-    import torch
+from cl_runner import record
+from cl_runner.folders import UsageError, check_folder, check_launcher, check_run_dir, check_sweep_dir
+from cl_runner.runfiles import CheckpointError, flatten, write_atomic
 
 CONFIG_MODULE = "cl_runner.configs"
-USER_ERRORS = (ValueError, DatasetUnavailable)
-
-
-# ----------------------------------------------------------------------------- validation
-def _positive_int(cfg: DictConfig, key: str, optional: bool = False) -> int | None:
-    value = cfg.get(key)
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
-    return value
-
-
-def validate(cfg: DictConfig) -> None:
-    """Range and type checks Hydra cannot do on plain YAML configs; raises ValueError (one line)."""
-    for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-        _positive_int(cfg, key)
-    _positive_int(cfg, "iterations", optional=True)
-    _positive_int(cfg, "threads", optional=True)
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if cfg.scenario not in SCENARIOS:
-        raise ValueError(f"scenario={cfg.scenario!r} is unknown; choose one of: {', '.join(SCENARIOS)}")
-    check_active_units(cfg.get("active_units"), cfg.scenario)
-    clip = cfg.get("clip_grad_norm")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
-        raise ValueError(f"clip_grad_norm must be a number > 0 (or null: no clipping), got {clip!r}")
-    strength = cfg.get("lambda")
-    if strength is not None:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise ValueError(f"lambda must be a number >= 0, got {strength!r}")
-        if not math.isfinite(strength):
-            raise ValueError(f"lambda must be a finite number >= 0, got {strength}")
-        if strength < 0:
-            raise ValueError(f"lambda must be >= 0, got {strength}")
-    from cl_runner.trainer import EVAL_EVERY
-
-    if cfg.get("eval_every") not in EVAL_EVERY:
-        raise ValueError(f"eval_every={cfg.get('eval_every')!r} is unknown; choose one of: {', '.join(EVAL_EVERY)}")
-    for key in ("reset_optimizer", "download", "keep_checkpoint"):
-        if not isinstance(cfg.get(key), bool):
-            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
-    resolve_device(cfg.device)
-    from cl_runner.data.benchmarks import check_benchmark, input_shape
-    from cl_runner.methods import method_from_config
-    from cl_runner.models import build_model
-    from cl_runner.trainer import make_optimizer_factory
-
-    check_benchmark(cfg.benchmark, cfg.scenario)
-    make_optimizer_factory(cfg.optimizer)
-    method = method_from_config(cfg.method, strength)
-    # options and fit to the input shape, before any data is read or folder made
-    method.check_model(build_model(cfg.model, input_shape(cfg.benchmark), 10))
-
-
-def resolve_device(name: Any) -> torch.device:
-    import torch
-
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
-        raise ValueError(f"device={name!r} is unknown; choose one of: auto, cpu, cuda, cuda:<index>")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} asked for, but no CUDA device is available; use device=auto or cpu")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- the run
 #: exit codes of cl-run (README: "When things go wrong")
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
-#: a folder whose metrics.json has one of these statuses is never run again
-FINISHED = ("ok", "diverged")
-
-
-class AlreadyFinished(ValueError):
-    """The run folder already holds a finished run (a sweep skips it; a single run refuses)."""
-
-    def __init__(self, out_dir: Path, status: str):
-        self.status = status
-        super().__init__(
-            f"{out_dir} already holds a finished run (metrics.json, status {status}); choose another hydra.run.dir"
-        )
-
-
-class RunStopped(Exception):
-    """The run ended early and its partial results were saved: ``status`` diverged or interrupted."""
-
-    def __init__(self, status: str, message: str, out_dir: Path):
-        self.status, self.out_dir = status, out_dir
-        super().__init__(message)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (kill, scancel, preemption) handled like Ctrl-C: stop, keep what is finished."""
-
-
-@contextlib.contextmanager
-def _termination_as_interrupt():
-    """Turn SIGTERM into :class:`Interrupted` while a run trains, unless something else (e.g.
-    submitit, which relies on its own signals) already handles it."""
-    import signal
-
-    def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-        installed = previous in (signal.SIG_DFL, None)
-        if installed:
-            signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        installed = False
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The run's :data:`cl_runner.schema.IDENTITY` fields; the experiment is Hydra's choice of that group."""
-    from hydra.core.hydra_config import HydraConfig
-
-    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-    return schema.identity(cfg, experiment)
-
-
-def check_same_config(folder: Path, cfg: DictConfig | dict[str, Any]) -> None:
-    """ValueError naming the keys (old → new) if ``folder``'s saved config differs from ``cfg``."""
-    saved = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=False)
-    new = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    diffs = config_differences(saved, new)
-    if diffs:
-        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-        raise ValueError(
-            f"{folder} holds a run with another config: {'; '.join(diffs[:4])}{more}; rerun that run's own "
-            "command to resume it, or choose another folder"
-        )
-
-
-def _claim_config(out_dir: Path, resolved: dict[str, Any]) -> None:
-    """Save the run's resolved config, or check that a resumed folder was made by the same one."""
-    if (out_dir / CONFIG).is_file():
-        check_same_config(out_dir, resolved)
-    else:
-        write_atomic(out_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
-
-
-def run_experiment(cfg: DictConfig, out_dir: str | Path, console=None, checked: bool = False) -> dict[str, Any]:
-    """Run one experiment described by a composed config; write its files into ``out_dir``.
-    ``checked``: :func:`validate` already passed (cl-run's precheck of a single run), not repeated.
-
-    Resumes from ``out_dir``'s checkpoint when there is one (same config required). Returns the
-    content of ``metrics.json``. Raises ValueError/DatasetUnavailable for bad input,
-    :class:`AlreadyFinished` for a finished folder, :class:`RunStopped` after saving a diverged or
-    interrupted run's partial results.
-    """
-    import torch
-
-    out_dir = Path(out_dir)
-    if not checked:
-        validate(cfg)
-    device = resolve_device(cfg.device)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the run folder {out_dir}: {(e.strerror or str(e)).lower()}") from None
-    with RunLock(out_dir):
-        previous = read_status(out_dir)
-        if previous is not None and previous.get("status") in FINISHED:
-            raise AlreadyFinished(out_dir, previous["status"])
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        _claim_config(out_dir, resolved)
-        parts = _PARTS.get() or RunParts()
-        threads = torch.get_num_threads()
-        wanted = parts.threads or cfg.threads
-        if wanted:
-            torch.set_num_threads(wanted)
-        try:
-            return _run(cfg, out_dir, device, console, parts)
-        finally:
-            torch.set_num_threads(threads)
-
-
-@dataclass(frozen=True)
-class RunParts:
-    """What a run builds its task stream and its trainer with. A vectorized group
-    (cl_runner/stacked.py) gives its members a shared stream cache and a trainer class whose task
-    training it does; every other run uses the defaults."""
-
-    build_stream: Callable[..., Any] | None = None  # None: cl_runner.data.benchmarks.build_stream
-    trainer: type | None = None  # None: cl_runner.trainer.Trainer
-    threads: int | None = None  # CPU threads of the run's own thread (None: the config's ``threads``)
-
-
-# Per thread (a group runs each member's job in a thread of its own): set with :func:`using_parts`.
-_PARTS: ContextVar[RunParts | None] = ContextVar("cl_runner_run_parts", default=None)
-
-
-@contextlib.contextmanager
-def using_parts(parts: RunParts) -> Iterator[None]:
-    """Runs started in this thread inside the block build their stream and trainer with ``parts``."""
-    token = _PARTS.set(parts)
-    try:
-        yield
-    finally:
-        _PARTS.reset(token)
-
-
-def _run(cfg: DictConfig, out_dir: Path, device, console, parts: RunParts) -> dict[str, Any]:
-    import torch
-
-    from cl_runner.data import benchmarks
-    from cl_runner.methods import method_from_config
-    from cl_runner.metrics import all_metrics
-    from cl_runner.models import build_model
-    from cl_runner.report.files import CurvesCSV, write_result_files
-    from cl_runner.report.tb import TensorBoardLogger, run_hparams
-    from cl_runner.report.terminal import ConsoleLogger, Fanout
-    from cl_runner.trainer import Diverged, Trainer, make_optimizer_factory
-
-    build_stream = parts.build_stream or benchmarks.build_stream
-    Trainer = parts.trainer or Trainer  # noqa: N806 - a class
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    stream = build_stream(
-        cfg.benchmark, cfg.scenario, cfg.seed, device, cfg.data_dir, cfg.download, active_units=cfg.active_units
-    )
-    model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(device)
-    ident = identity(cfg)
-    method = method_from_config(cfg.method, cfg.get("lambda"))
-    hparams = run_hparams(ident, method.strength if method.uses_strength else None, cfg)
-    saved = load_checkpoint(out_dir, device)
-    earlier_wall = float(saved["wall_time_s"]) if saved else 0.0
-    console_log = ConsoleLogger(console, run_dir=out_dir)
-    # a resumed run hides what the interrupted attempt logged after its checkpoint's last event
-    # (at step = steps so far): no curve is drawn twice
-    purge = saved["trainer"]["steps"] + 1 if saved else None
-    tb = TensorBoardLogger(out_dir, len(stream), cfg.log_every, purge_step=purge)
-
-    def checkpoint(state: dict[str, Any]) -> None:
-        tb.writer.flush()  # the events of finished tasks survive a kill -9, like the checkpoint
-        save_checkpoint(out_dir, {"trainer": state, "wall_time_s": earlier_wall + time.perf_counter() - start})
-
-    trainer = Trainer(
-        model,
-        method,
-        stream,
-        make_optimizer_factory(cfg.optimizer),
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        iterations=cfg.iterations,
-        reset_optimizer=cfg.reset_optimizer,
-        eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
-        events=Fanout(console_log, tb, *([CurvesCSV(out_dir, saved)] if cfg.eval_every == "epoch" else [])),
-        checkpoint=checkpoint,
-        eval_every=cfg.eval_every,
-        clip_grad_norm=cfg.clip_grad_norm,
-    )
-    if saved:
-        done = saved["trainer"]["tasks_done"]
-        console_log.console.print(f"resuming {out_dir}: tasks 1–{done} of {len(stream)} finished, continuing")
-    status, message = "ok", None
-    try:
-        try:
-            with _termination_as_interrupt():
-                trainer.run(resume=saved["trainer"] if saved else None)
-        except Diverged as e:
-            status, message = "diverged", f"{e}; the run was stopped"
-        except KeyboardInterrupt:
-            task = min(len(trainer.matrix) + 1, len(stream))
-            status = "interrupted"
-            message = f"interrupted during task {task}; run the same command again to resume"
-        matrix, initial = trainer.matrix, trainer.initial
-        undefined = method.undefined_metrics()
-        metrics = all_metrics(matrix, initial) if status == "ok" else dict.fromkeys(schema.METRICS)
-        metrics.update(dict.fromkeys(undefined))
-        result = {
-            "status": status,
-            "error": message,
-            **ident,
-            "lambda": hparams["lambda"],
-            **metrics,
-            "metric_notes": undefined or None,
-            "accuracy_matrix": matrix,
-            "initial_accuracy": initial,
-            "task_names": [task.name for task in stream],
-            "tasks_done": len(matrix),
-            "steps": trainer.steps,
-            "wall_time_s": earlier_wall + time.perf_counter() - start,
-            "device": str(device),
-        }
-        write_result_files(out_dir, result)
-        if status == "ok":
-            tb.final(result, hparams)
-        else:
-            tb.failed(hparams, status=status)  # interrupted: "unknown" in HParams, resumable
-    except BaseException as e:
-        if not isinstance(e, SystemExit):  # SystemExit: submitit requeues the job, which resumes
-            tb.failed(hparams)  # the run shows up as failed in the HParams dashboard
-        raise
-    finally:
-        tb.close()
-    if status != "ok":
-        console_log.where(result)
-        raise RunStopped(status, message, out_dir)
-    if not cfg.keep_checkpoint:
-        (out_dir / CHECKPOINT).unlink(missing_ok=True)
-    console_log.final(result)
-    return result
-
-
-def record_failure(cfg: DictConfig, out_dir: Path, message: str, details: str | None = None) -> None:
-    """A failed multirun job leaves a metrics.json with status 'failed' (never over a finished run)."""
-    from cl_runner.report.files import write_result_files
-
-    previous = read_status(out_dir)
-    if previous is not None and previous.get("status") in FINISHED:
-        return
-    result = {"status": "failed", "error": message, **identity(cfg)}
-    result.update(dict.fromkeys((*schema.METRICS, "wall_time_s")))
-    write_result_files(out_dir, result)
-    if details:
-        write_atomic(out_dir / "error.log", details)
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-#: set by the jobs of a multirun that run in this process (basic launcher), read by main()
-_SWEEP: dict[str, Any] = {}
-
-
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
-def hydra_main(cfg: DictConfig) -> None:
+# ----------------------------------------------------------------------------- a job
+def task(cfg: DictConfig, parts: Any = None, primed: bool = False) -> Any:
+    """Hydra's task function: one run, alone or as a job of a sweep. ``primed`` (a stacked sweep
+    group): open the run and return ``(phases, first request)`` for the group to drive, or None when
+    the job ended already (see :func:`conclude`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from cl_runner.run import identity, run_phases
+    from cl_runner.trainer import drive
+
     hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    if multirun:
-        _SWEEP["dir"] = hc.sweep.dir
-    job = f"job {hc.job.num}: " if multirun else ""
+    out_dir, multirun = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
+    job = Job(cfg, out_dir, hc.job.num if multirun else None)
     try:
-        run_experiment(cfg, out_dir, checked=not multirun)  # a single run was validated by precheck
-    except AlreadyFinished as e:
-        if not multirun:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-        print(f"{job}already finished (status {e.status}) in {out_dir}; skipped", file=sys.stderr)
-    except RunStopped as e:
-        print(f"{'error: ' if e.status == 'diverged' else ''}{job}{e} (results so far: {out_dir})", file=sys.stderr)
-        if e.status == "interrupted":
-            if multirun:
-                raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep
-            sys.exit(EXIT_INTERRUPTED)
-        if not multirun:
-            sys.exit(EXIT_DIVERGED)
-    except KeyboardInterrupt:  # before training started: nothing to keep
-        if multirun:
-            raise
-        print(f"{job}interrupted before training started", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except USER_ERRORS as e:
-        if not multirun:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-        record_failure(cfg, out_dir, _one_line(e))
-        print(f"error: {job}failed: {_one_line(e)}", file=sys.stderr)
-    except OSError as e:  # a full disk, a folder that vanished: a fault, not a bug
-        print(f"error: {job}cannot write results in {out_dir}: {_one_line(e)}", file=sys.stderr)
-        if not multirun:
-            sys.exit(EXIT_FAILED)
-    except Exception as e:
+        phases = run_phases(cfg, out_dir, checked=not multirun, parts=parts, ident=identity(cfg))
+        if not primed:
+            return drive(phases)
         try:
-            record_failure(cfg, out_dir, f"{type(e).__name__}: {_one_line(e)}", traceback.format_exc())
-        except Exception:
-            pass
-        if not multirun:
-            raise  # a bug, not bad input: keep the traceback
-        print(f"error: {job}failed: {type(e).__name__}: {_one_line(e)} (see {out_dir}/error.log)", file=sys.stderr)
+            return phases, next(phases)
+        except StopIteration as stop:  # a resumed run with nothing left to train
+            return None, stop.value
+    except BaseException as e:  # noqa: BLE001 - conclude() says what each outcome means
+        conclude(e, job)
+        return None
+
+
+class Job:
+    """Where a run writes and how its lines are labelled (``num``: its job number in a sweep)."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, num: int | None):
+        self.cfg, self.out_dir, self.num = cfg, out_dir, num
+        self.label = f"job {num}: " if num is not None else ""
+
+    @property
+    def multirun(self) -> bool:
+        return self.num is not None
+
+
+def conclude(error: BaseException, job: Job) -> None:
+    """What cl-run does when a run ended with ``error``: the line it prints and, for a single run, its
+    exit code (SystemExit); a sweep goes on with its next job, except after Ctrl-C/SIGTERM, which
+    stop the sweep (KeyboardInterrupt)."""
+    from cl_runner.data.datasets import DatasetUnavailable
+    from cl_runner.run import AlreadyFinished, RunStopped
+
+    if isinstance(error, AlreadyFinished):
+        if not job.multirun:
+            _exit(EXIT_USAGE, f"error: {error}")
+        print(f"{job.label}already finished (status {error.status}) in {job.out_dir}; skipped", file=sys.stderr)
+    elif isinstance(error, RunStopped):
+        _stopped(error, job, f"(results so far: {job.out_dir})")
+    elif isinstance(error, KeyboardInterrupt):  # before the run opened its folder: nothing to keep
+        if job.multirun:
+            raise error
+        _exit(EXIT_INTERRUPTED, "interrupted before training started")
+    elif isinstance(error, (ValueError, DatasetUnavailable, CheckpointError)):  # bad input, before the run opened
+        if not job.multirun:
+            _exit(EXIT_USAGE, f"error: {_one_line(error)}")
+        record_failure(job, _one_line(error))
+        print(f"error: {job.label}failed: {_one_line(error)}", file=sys.stderr)
+    elif isinstance(error, OSError):  # a full disk, a folder that vanished: a fault, not a bug
+        print(f"error: {job.label}cannot write results in {job.out_dir}: {_one_line(error)}", file=sys.stderr)
+        if not job.multirun:
+            sys.exit(EXIT_FAILED)
+    elif isinstance(error, Exception):
+        _bug(error, job)
+    else:
+        raise error
+
+
+def _bug(error: Exception, job: Job) -> None:
+    """An error that is neither bad input nor a fault: its traceback (printed for a single run, in the
+    job's error.log for a sweep's job)."""
+    import traceback
+
+    details = "".join(traceback.format_exception(error))
+    try:
+        record_failure(job, f"{type(error).__name__}: {_one_line(error)}", details)
+    except Exception:  # noqa: BLE001 - never hide the original error
+        pass
+    if not job.multirun:
+        raise error  # a bug, not bad input: keep the traceback
+    msg = f"{type(error).__name__}: {_one_line(error)} (see {job.out_dir}/error.log)"
+    print(f"error: {job.label}failed: {msg}", file=sys.stderr)
+
+
+def _stopped(error: Any, job: Job, where: str) -> None:
+    """A run that wrote its record and did not end ok (or ended ok while a signal arrived)."""
+    if error.status == "ok":  # Ctrl-C / SIGTERM while the results were written: they are complete
+        print(f"{job.label}{error} in {job.out_dir}", file=sys.stderr)
+        if job.multirun:
+            raise KeyboardInterrupt
+        return
+    if error.status == "interrupted":
+        print(f"{job.label}{error} {where}", file=sys.stderr)
+        if job.multirun:
+            raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep
+        sys.exit(EXIT_INTERRUPTED)
+    if error.status == "diverged":
+        print(f"error: {job.label}{error} {where}", file=sys.stderr)
+        if not job.multirun:
+            sys.exit(EXIT_DIVERGED)
+        return
+    log = f"; see {job.out_dir}/error.log" if error.bug else ""
+    print(f"error: {job.label}failed: {error} {where}{log}", file=sys.stderr)
+    if not job.multirun:
+        sys.exit(EXIT_USAGE if error.bad_input else EXIT_FAILED)
+
+
+def _exit(code: int, line: str) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def record_failure(job: Job, message: str, details: str | None = None) -> None:
+    """A job that failed before its run opened its folder: a ``failed`` record keeping any earlier
+    attempt's rows (never over a finished run)."""
+    from cl_runner.run import identity
+
+    previous = record.read(job.out_dir)
+    if record.is_final(previous):
+        return
+    progress = record.Progress.from_record(previous) if previous else None
+    record.write(job.out_dir, record.build("failed", identity(job.cfg), error=message, progress=progress))
+    if details:
+        write_atomic(job.out_dir / "error.log", details)
+
+
+hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(task)
 
 
 # ----------------------------------------------------------------------------- command line
-class UsageError(Exception):
-    pass
-
-
 def config_groups() -> dict[str, list[str]]:
     """Config groups shipped in configs/ and their options (yaml file stems)."""
     root = resources.files(CONFIG_MODULE)
@@ -455,9 +183,9 @@ def config_groups() -> dict[str, list[str]]:
     }
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def _compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
     with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return hydra.compose("config", overrides=overrides)
+        return hydra.compose("config", overrides=overrides, return_hydra_config=hydra_node)
 
 
 def _compose_error(e: Exception, overrides: list) -> str:
@@ -475,61 +203,6 @@ def _compose_error(e: Exception, overrides: list) -> str:
         return f"unknown key '{key}': {hint} (`cl-run --cfg job` lists the keys)"
     msg = str(e) if e.__cause__ is None else f"{e} ({e.__cause__})"
     return " ".join(msg.replace("Error merging override", "cannot apply").split())
-
-
-def _check_folder(key: str, folder: Path) -> None:
-    """A run or sweep folder must be creatable: probe its nearest existing parent (nothing is left)."""
-    parent = folder
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        if not parent.is_dir():
-            raise NotADirectoryError(20, "not a directory", str(parent))
-        os.rmdir(tempfile.mkdtemp(prefix=".cl-run-probe-", dir=parent))
-    except OSError as e:
-        reason = (e.strerror or str(e)).lower()
-        raise UsageError(f"{key}={folder}: cannot create it in {parent}: {reason}; choose another folder") from None
-
-
-def _check_run_dir(folder: Path, cfg: DictConfig) -> None:
-    """An explicit hydra.run.dir: not in use, not finished, and (to resume) made by the same config."""
-    if not folder.exists():
-        return
-    try:
-        check_not_busy(folder)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    status = read_status(folder)
-    if status is not None and status.get("status") in FINISHED:
-        raise UsageError(
-            f"hydra.run.dir={folder} already holds finished results (status {status.get('status')}); "
-            "choose another folder"
-        )
-    if (folder / CONFIG).is_file():
-        try:
-            check_same_config(folder, cfg)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-
-
-def _check_sweep_dir(folder: Path, overrides: list[str]) -> None:
-    """An explicit hydra.sweep.dir that holds a sweep can only be resumed by the same sweep."""
-    if not folder.exists():
-        return
-    saved = folder / "multirun.yaml"
-    if saved.is_file():
-        before = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
-        if sorted(map(str, before)) != sorted(overrides):
-            raise UsageError(
-                f"hydra.sweep.dir={folder} holds another sweep ({' '.join(map(str, before))}); run that sweep's "
-                "own command to resume it, or choose another folder"
-            )
-        return
-    finished = sorted(folder.glob("**/metrics.json"))
-    if finished:
-        raise UsageError(
-            f"hydra.sweep.dir={folder} already holds finished results ({finished[0]}); choose another folder"
-        )
 
 
 def _raise(e: Exception):
@@ -553,82 +226,116 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def precheck(argv: list[str]) -> None:
-    """Check the command line before Hydra runs, so that bad input gives one line and no files."""
+class Plan:
+    """What precheck found: the command line to hand to Hydra and, for a sweep, its folder."""
+
+    def __init__(self, argv: list[str], sweep_dir: Path | None = None):
+        self.argv, self.sweep_dir = argv, sweep_dir
+
+
+class CommandLine:
+    """The overrides of a command line: one representative value per key (the first of a sweep's),
+    whether it is a sweep, and the run / sweep folders it names. A group option that does not exist
+    is refused here, naming the group's options."""
+
+    def __init__(self, args: argparse.Namespace):
+        try:
+            self.overrides = OverridesParser.create().parse_overrides(args.overrides)
+        except OverrideParseException as e:
+            raise UsageError(_one_line(e)) from None
+        groups = config_groups()
+        self.sweep, self.folders, self.representative = bool(args.multirun), {}, []
+        for o in self.overrides:
+            key = o.key_or_group
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            self.sweep = self.sweep or o.is_sweep_override()
+            if key in ("hydra.run.dir", "hydra.sweep.dir"):
+                self.folders[key] = Path(values[0]) if values[0] else Path("")
+            if key.startswith("hydra"):
+                continue
+            if key in groups and not o.is_delete():
+                for v in values:
+                    if v not in groups[key] and v != "null":
+                        raise UsageError(f"{key}={v} is not a known {key}; choose one of: {', '.join(groups[key])}")
+            prefix = "+" if o.is_add() else "++" if o.is_force_add() else "~" if o.is_delete() else ""
+            self.representative.append(f"{prefix}{key}={values[0]}" if not o.is_delete() else o.input_line)
+
+    def compose(self) -> DictConfig:
+        try:
+            return _compose(self.representative, hydra_node=self.sweep)
+        except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
+            parsed = OverridesParser.create().parse_overrides(self.representative)
+            raise UsageError(_compose_error(e, parsed)) from None
+
+    @property
+    def task_overrides(self) -> list[str]:
+        return [o.input_line for o in self.overrides if not o.key_or_group.startswith("hydra")]
+
+
+def precheck(argv: list[str]) -> Plan:
+    """Check the command line before Hydra runs, so that bad input gives one line and no files. A
+    sweep's folder is fixed here (``hydra.sweep.dir``, its default ``${now:…}`` resolved once), so that
+    cl-run knows where the sweep's summary is whatever happens to the sweep."""
     args = _parse_args(argv)
     if args.help or args.hydra_help or args.version or args.shell_completion:
-        return
-    inspect_only = bool(args.cfg or args.info)  # --cfg/--info: the config must still compose
+        return Plan(argv)
+    line = CommandLine(args)
+    cfg = line.compose()
+    if args.cfg or args.info:  # --cfg/--info: the config must compose, nothing runs
+        return Plan(argv)
+    return _check_sweep(argv, line, cfg) if line.sweep else _check_run(argv, line, cfg)
+
+
+def _check_run(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
+    from cl_runner.checks import validate
+    from cl_runner.data.datasets import DatasetUnavailable
+
     try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except OverrideParseException as e:
+        validate(cfg, read_data=True)  # a single run: its data are read here once, kept for the run
+    except (ValueError, DatasetUnavailable) as e:
         raise UsageError(_one_line(e)) from None
-    groups = config_groups()
-    representative, sweep, folders = [], bool(args.multirun), {}
-    for o in overrides:
-        key = o.key_or_group
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        sweep = sweep or o.is_sweep_override()
-        if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            folders[key] = Path(values[0])
-        if key.startswith("hydra"):
-            continue
-        if key in groups and not o.is_delete():
-            for v in values:
-                if v not in groups[key] and v != "null":
-                    raise UsageError(f"{key}={v} is not a known {key}; choose one of: {', '.join(groups[key])}")
-        prefix = "+" if o.is_add() else "++" if o.is_force_add() else "~" if o.is_delete() else ""
-        representative.append(f"{prefix}{key}={values[0]}" if not o.is_delete() else o.input_line)
-    try:
-        cfg = _compose(representative)
-    except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
-        raise UsageError(_compose_error(e, OverridesParser.create().parse_overrides(representative))) from None
-    if inspect_only:
-        return
-    if not sweep:
-        try:
-            validate(cfg)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if sweep:
-        sweep_dir = folders.get("hydra.sweep.dir")
-        if sweep_dir is not None:
-            _check_folder("hydra.sweep.dir", sweep_dir)
-            task_overrides = [o.input_line for o in overrides if not o.key_or_group.startswith("hydra")]
-            _check_sweep_dir(sweep_dir, task_overrides)
-        else:
-            _check_folder("outputs", Path("outputs") / "sweeps")
+    run_dir = line.folders.get("hydra.run.dir")
+    if run_dir is not None:
+        check_folder("hydra.run.dir", run_dir)
+        check_run_dir(run_dir, cfg)
     else:
-        run_dir = folders.get("hydra.run.dir")
-        if run_dir is not None:
-            _check_folder("hydra.run.dir", run_dir)
-            _check_run_dir(run_dir, cfg)
-        else:
-            _check_folder("outputs", Path("outputs") / "runs")
+        check_folder("outputs", Path("outputs") / "runs")
+    return Plan(argv)
+
+
+def _check_sweep(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
+    sweep_dir = line.folders.get("hydra.sweep.dir")
+    if sweep_dir is None:
+        try:
+            sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)))
+        except Exception as e:  # an interpolation only Hydra's job can resolve
+            why = _one_line(e)
+            raise UsageError(f"hydra.sweep.dir cannot be resolved before the sweep ({why}); give a folder") from None
+        argv = [*argv, f"hydra.sweep.dir={sweep_dir}"]
+    check_folder("hydra.sweep.dir", sweep_dir)
+    check_sweep_dir(sweep_dir, line.task_overrides)
+    check_launcher(cfg)
+    return Plan(argv, sweep_dir)
 
 
 def main() -> None:
     try:
-        precheck(sys.argv[1:])
+        plan = precheck(sys.argv[1:])
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _exit(EXIT_USAGE, f"error: {e}")
+    sys.argv = [sys.argv[0], *plan.argv]
+    from cl_runner.report import summary
+
     try:
         hydra_main()
     except KeyboardInterrupt:  # a sweep stopped by Ctrl-C: its summary still shows what finished
-        sweep_dir = _SWEEP.get("dir")
         where = ""
-        if sweep_dir:
-            from cl_runner.report.summary import summarize
-
-            summarize(sweep_dir, quiet=True)
-            where = f" in {sweep_dir}"
-        print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    from cl_runner.report import summary as sweep
-
-    if sweep.LAST_ROWS is not None:  # a finished multirun: 1 when some job did not end ok
-        sys.exit(sweep.sweep_status(sweep.LAST_ROWS))
+        if plan.sweep_dir is not None and plan.sweep_dir.is_dir():
+            summary.summarize(plan.sweep_dir, quiet=True)
+            where = f" in {plan.sweep_dir}"
+        _exit(EXIT_INTERRUPTED, f"interrupted{where}; run the same command again to resume")
+    if plan.sweep_dir is not None:  # a finished multirun: 1 when some job did not end ok
+        sys.exit(summary.sweep_status(summary.collect(plan.sweep_dir)))
 
 
 def cli() -> None:
@@ -636,12 +343,19 @@ def cli() -> None:
     interpreter (freeing every module's objects) took 1.2–1.4 s of each ``cl-run`` process once
     ``torch.optim`` had imported ``torch._dynamo`` (measured on a 2-core CPU), after every result was
     written. The exit handlers still run (``logging`` flushes ``app.log``) and the standard streams are
-    flushed; only the teardown is skipped. A non-daemon thread still running gets Python's normal exit."""
+    flushed; only the teardown is skipped. A non-daemon thread still running gets Python's normal exit.
+    Signals are ignored from here on: a second Ctrl-C cannot break the exit handlers."""
     try:
         main()
         code: int | str | None = 0
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:  # a Ctrl-C that landed outside any run (e.g. while Hydra starts)
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     if not isinstance(code, int):  # sys.exit("message") / sys.exit(None), as Python itself treats them

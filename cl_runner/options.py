@@ -34,11 +34,12 @@ class OptionError(ValueError):
         super().__init__(message)
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as messages show it: strings quoted, everything else as printed."""
     return repr(value) if isinstance(value, str) else str(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Spec:
     """Base class. ``optional``: null is a valid value, meaning ``null_means`` (shown in messages)."""
 
@@ -58,16 +59,16 @@ class Spec:
 
     def what(self) -> str:
         """What a valid value is, as the message and ``--help`` say it."""
-        base = self._what()
-        if self.optional:
-            base += f" or null{f' ({self.null_means})' if self.null_means else ''}"
-        return base
+        return self._what() + self._null()
 
     def _what(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _null(self) -> str:
+        return f" or null{f' ({self.null_means})' if self.null_means else ''}" if self.optional else ""
+
     def error(self, key: str, value: Any, what: str | None = None) -> OptionError:
-        return OptionError(key, f"{key} must be {what or self.what()}, got {_show(value)}")
+        return OptionError(key, f"{key} must be {what or self.what()}, got {show(value)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -78,31 +79,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Int(Spec):
-    """An integer in [lo, hi] (either bound may be None)."""
+    """An integer in [lo, hi] (either bound may be None). The message names the bound that failed."""
 
     lo: int | None = None
     hi: int | None = None
 
     def _check(self, key: str, value: Any) -> int:
-        if not _is_int(value) or (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            raise self.error(key, value)
+        if not _is_int(value) or (self.lo is not None and value < self.lo):
+            raise self.error(key, value, self._base() + self._null())
+        if self.hi is not None and value > self.hi:
+            raise self.error(key, value, f"{self._base()} <= {self.hi}")
         return int(value)
 
-    def _what(self) -> str:
-        if self.lo == 1 and self.hi is None:
+    def _base(self) -> str:
+        if self.lo == 1:
             return "a positive integer"
-        if self.lo == 0 and self.hi is None:
+        if self.lo == 0:
             return "an integer >= 0"
-        if self.lo is not None and self.hi is not None:
-            return f"an integer in [{self.lo}, {self.hi}]"
-        if self.lo is not None:
-            return f"an integer >= {self.lo}"
-        return "an integer" if self.hi is None else f"an integer <= {self.hi}"
+        return "an integer" if self.lo is None else f"an integer >= {self.lo}"
+
+    def _what(self) -> str:
+        return self._base() if self.hi is None else f"{self._base()} <= {self.hi}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Float(Spec):
     """A finite number between ``lo`` and ``hi`` (open bounds with ``lo_open``/``hi_open``), and one
     that float32 can hold (|value| <= 3.4e38; a positive value not below 1.2e-38, which float32 rounds
@@ -147,7 +149,7 @@ class Float(Spec):
         return self.must or f"a finite number {self._bounds()}".rstrip()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Bool(Spec):
     def _check(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
@@ -158,24 +160,25 @@ class Bool(Spec):
         return "true or false"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Choice(Spec):
     """One of ``choices`` (strings; YAML's bare true/false count as "true"/"false")."""
 
     choices: tuple[str, ...] = ()
+    word: str = "not valid"  # "<key>=<value> is <word>; choose one of: …"
 
     def _check(self, key: str, value: Any) -> str:
         if isinstance(value, bool) and str(value).lower() in self.choices:
             value = str(value).lower()
         if not isinstance(value, str) or value not in self.choices:
-            raise OptionError(key, f"{key}={_show(value)} is not valid; choose one of: {', '.join(self.choices)}")
+            raise OptionError(key, f"{key}={show(value)} is {self.word}; choose one of: {', '.join(self.choices)}")
         return value
 
     def _what(self) -> str:
         return "one of: " + ", ".join(self.choices)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Str(Spec):
     """A non-empty string (at most ``max_len`` characters)."""
 
@@ -190,7 +193,7 @@ class Str(Spec):
         return f"a non-empty string of at most {self.max_len} characters"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ListOf(Spec):
     """A list of ``item`` values with ``min_len``..``max_len`` entries (``unique``: no repeats)."""
 
@@ -226,7 +229,7 @@ class ListOf(Spec):
         return f"a list of {size}{self.item.what().removeprefix('a ').removeprefix('an ')}s".replace("ys ", "ies ")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AnyOf(Spec):
     """The first of ``alternatives`` that accepts the value; the message lists them all."""
 
@@ -244,7 +247,7 @@ class AnyOf(Spec):
         return " or ".join(s.what() for s in self.alternatives)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fields(Spec):
     """A mapping with exactly the keys of ``fields``, each checked by its spec."""
 
@@ -259,7 +262,7 @@ class Fields(Spec):
         return "{" + ", ".join(f"{k}: {s.what()}" for k, s in self.fields) + "}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Anything(Spec):
     """Not checked here (a key whose owner checks it, e.g. a ``_target_``)."""
 

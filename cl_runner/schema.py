@@ -9,7 +9,7 @@ Python prints it (``-54.50``, no ``+``); a missing value is blank (the terminal 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,14 @@ TITLES = dict(
     acc="ACC", bwt="BWT", fwt="FWT", forgetting="forgetting", learning_accuracy="LA", intransigence="intransigence"
 )
 STATUSES = ("ok", "failed", "diverged", "interrupted", "cancelled", "timeout", "missing")
+#: a run folder whose metrics.json has one of these statuses is never run again nor overwritten; every
+#: other status (interrupted, failed, cancelled, timeout) is resumed by the same command
+FINAL = ("ok", "diverged")
+#: the scenarios (README: Scenarios); class-IL's active units: the seen-class mask, or the whole head
+SCENARIOS = ("task", "domain", "class")
+ACTIVE_UNITS = ("seen", "all")
+#: when the trainer tests every task: after each task, or also after every epoch (curves)
+EVAL_EVERY = ("task", "epoch")
 #: identity field → its path in the composed config (``experiment``: Hydra's choice of that group)
 IDENTITY = {
     "method": "method.name",
@@ -36,7 +44,13 @@ IDENTITY = {
 SETTINGS = ("model", "optimizer", "experiment")
 
 
-def _select(cfg: DictConfig, path: str) -> Any:
+def _select(cfg: Any, path: str) -> Any:
+    if not isinstance(cfg, DictConfig):  # plain data (a saved config): looked up, never evaluated
+        for part in path.split("."):
+            if not isinstance(cfg, Mapping) or part not in cfg:
+                return None
+            cfg = cfg[part]
+        return cfg
     try:
         value = OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -44,16 +58,25 @@ def _select(cfg: DictConfig, path: str) -> Any:
         return None
 
 
-def identity(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
-    """The :data:`IDENTITY` fields of a composed config and ``method_options`` (the method node but
-    its labels and ``_…_`` keys), each resolved on its own so that one broken value loses nothing else."""
+def identity(cfg: DictConfig | Mapping[str, Any], experiment: str | None = None) -> dict[str, Any]:
+    """The :data:`IDENTITY` fields of a config and ``method_options`` (the method node but its labels
+    and ``_…_`` keys), each read on its own so that one broken value loses nothing else.
+
+    ``cfg`` is either the run's own composed config (a DictConfig: its interpolations are resolved,
+    as the run resolves them) or plain data, a config saved in a run or sweep folder as
+    :func:`cl_runner.identity.read_saved` returns it: looked up only, nothing evaluated. A config
+    read from a folder must never be passed as a DictConfig (``OmegaConf.load``): resolving it
+    would run whatever resolvers the file names."""
     ident = {key: _select(cfg, path) if path else experiment for key, path in IDENTITY.items()}
-    method = cfg.get("method")
-    ident["method_options"] = (
-        {k: _select(cfg, f"method.{k}") for k in method if k not in ("name", "lambda") and not str(k).startswith("_")}
-        if isinstance(method, DictConfig)
-        else {}
-    )
+    method = cfg.get("method") if isinstance(cfg, (DictConfig, Mapping)) else None
+    if not isinstance(method, (DictConfig, Mapping)):
+        ident["method_options"] = {}
+        return ident
+    keys = [k for k in method if k not in ("name", "lambda") and not str(k).startswith("_")]
+    if isinstance(method, DictConfig):
+        ident["method_options"] = {k: _select(cfg, f"method.{k}") for k in keys}
+    else:
+        ident["method_options"] = {k: method[k] for k in keys}
     return ident
 
 
@@ -70,6 +93,16 @@ def pct(v: float | None, blank: str = "") -> str:
 def pct_pm(mean: float | None, std: float | None) -> str:
     """``mean ± std`` in percent (``mean`` alone without a std)."""
     return pct(mean) + ("" if mean is None or std is None else f" ± {100 * std:.2f}")
+
+
+def printable(value: Any) -> str:
+    """``value`` as text safe for a terminal: control characters (escape sequences, carriage returns,
+    line breaks…) shown as ``\\x1b``, ``\\r``, ``\\n``. For text from files (errors, overrides, names,
+    paths), which is also printed without rich markup (``rich.text.Text``, ``markup=False``)."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def md_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:

@@ -8,24 +8,24 @@ hydra-submitit-launcher, as plain functions (the plugin is ``hydra_plugins/cl_ru
   to record (``cancelled`` / ``timeout`` / ``failed``), or None to keep what the run wrote.
 - :func:`record_outcome`: writes that status into the job folder (creating it for a job cancelled
   while pending), keeping the finished rows the run saved (``metrics.json`` or ``checkpoint.pt``).
-- :func:`job_name`, :func:`default_mem_gb`: names shown in squeue/sacct, memory from the benchmark.
+- :func:`job_name`, :func:`safe_name`, :func:`default_mem_gb`: names shown in squeue/sacct (a safe
+  character set, bounded length: a name is a line of the job's sbatch script), memory from the benchmark.
+- :func:`script_problem`: a launcher setting that would break out of its ``#SBATCH`` line → one line.
 
 No torch or submitit import at module level: Hydra imports the plugin at every start.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-#: statuses a run writes itself and the launcher never replaces (``interrupted`` is relabelled when
-#: Slurm says why: cancelled or timeout)
-RUN_STATUSES = ("ok", "failed", "diverged")
-LAUNCHER_STATUSES = ("cancelled", "timeout")
+#: the one status the launcher relabels when Slurm says why a job stopped (cancelled or timeout);
+#: every other recorded status is kept
+RELABELLED = "interrupted"
 
 # sbatch's message (lower case) → the launcher keys that decide it
 _SBATCH_KEYS = (
@@ -152,7 +152,9 @@ def outcome(state: str | None, recorded: str | None) -> str | None:
     ``interrupted`` run under any other state (preempted, signalled) stays resumable as it is; a job
     that ended without any metrics.json otherwise failed (crash, out of memory, node failure).
     """
-    if recorded in RUN_STATUSES or recorded in LAUNCHER_STATUSES:
+    from cl_runner.schema import STATUSES
+
+    if recorded in STATUSES and recorded not in (RELABELLED, "missing"):
         return None
     word = first_word(state)
     if word == "CANCELLED":
@@ -164,71 +166,54 @@ def outcome(state: str | None, recorded: str | None) -> str | None:
     return "failed"
 
 
-def read_metrics(out_dir: Path) -> dict[str, Any] | None:
+def _checkpoint_progress(out_dir: Path):
+    """Finished rows from the run's per-task checkpoint (read safely, as a resume reads it), for a
+    job killed before it could write metrics.json; None when there is none or it cannot be read."""
+    from cl_runner.record import Progress
+    from cl_runner.runfiles import CheckpointError, checkpoint_path, load_checkpoint
+
     try:
-        data = json.loads((Path(out_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
+        state = (load_checkpoint(checkpoint_path(out_dir), "cpu") or {}).get("trainer")
+    except CheckpointError:
         return None
-    return data if isinstance(data, dict) else None
-
-
-def _checkpoint_rows(out_dir: Path) -> dict[str, Any]:
-    """Finished rows from the run's per-task checkpoint (``checkpoint.pt``: {"trainer": {"matrix",
-    "initial", "tasks_done", ...}}), for a job killed before it could write metrics.json."""
-    path = Path(out_dir) / "checkpoint.pt"
-    if not path.is_file():
-        return {}
-    try:
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
-        return {
-            "accuracy_matrix": [list(r) for r in state["matrix"]],
-            "initial_accuracy": list(state["initial"]),
-            "tasks_done": int(state["tasks_done"]),
-        }
-    except Exception:  # noqa: BLE001 - rows are a bonus; the status is what must be written
-        return {}
+    if not state:
+        return None
+    return Progress(list(state["initial"]), [list(r) for r in state["matrix"]], [], state.get("steps"))
 
 
 def record_outcome(out_dir: Path, cfg: Any, status: str, message: str) -> dict[str, Any]:
-    """Write ``status`` (cancelled / timeout / failed) into ``out_dir/metrics.json`` with the project's
-    writer: over an ``interrupted`` result it keeps the run's fields and finished rows; with no result
-    it writes the identity fields like ``cl_runner.app.record_failure`` (the folder is created for a
-    job that never started), plus the rows of ``checkpoint.pt`` when there is one."""
-    from cl_runner import schema
-    from cl_runner.report.files import write_result_files
+    """Write ``status`` (cancelled / timeout / failed) into ``out_dir/metrics.json`` through the run
+    record (:mod:`cl_runner.record`): over an ``interrupted`` record it keeps the run's fields and
+    finished rows; with none it records the identity fields (the folder is created for a job that never
+    started), with the rows of ``checkpoint.pt`` when there is one."""
+    from cl_runner import record, schema
 
     out_dir = Path(out_dir)
-    previous = read_metrics(out_dir)
-    if previous is not None and previous.get("status") != "interrupted":
+    previous = record.read(out_dir)
+    if previous is not None and previous.get("status") != RELABELLED:
         return previous  # ok / failed / diverged / already labelled: never replaced
     if previous is not None:
-        result = {**previous, "status": status, "error": message}
+        result = record.relabel(previous, status, message)
     else:
         try:
             experiment = cfg.hydra.runtime.choices.get("experiment")
         except Exception:  # noqa: BLE001 - a config without Hydra's node (tests)
             experiment = None
-        result = {"status": status, "error": message, **schema.identity(cfg, experiment)}
-        result.update(dict.fromkeys((*schema.METRICS, "wall_time_s")))
-        rows = _checkpoint_rows(out_dir)
-        if rows:
-            result.update(rows)
-            try:
-                result["task_names"] = [f"task_{j + 1}" for j in range(len(rows["initial_accuracy"]))]
-            except Exception:  # noqa: BLE001
-                pass
-    write_result_files(out_dir, result)
+        progress = _checkpoint_progress(out_dir)
+        result = record.build(status, schema.identity(cfg, experiment), error=message, progress=progress)
+    record.write(out_dir, result)
     return result
 
 
 def finished_tasks(out_dir: Path) -> int | None:
     """How many tasks the job finished and saved (metrics.json's tasks_done, else checkpoint.pt's)."""
-    data = read_metrics(out_dir)
+    from cl_runner import record
+
+    data = record.read(out_dir)
     if data is not None and data.get("tasks_done") is not None:
         return int(data["tasks_done"])
-    return _checkpoint_rows(out_dir).get("tasks_done")
+    progress = _checkpoint_progress(out_dir)
+    return None if progress is None else len(progress.matrix)
 
 
 def outcome_message(
@@ -270,9 +255,23 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def job_name(overrides: Iterable[str], default_method: str | None = None, limit: int = 80) -> str:
-    """``cl-run:<method>:<other overrides>`` (shortened to ``limit`` characters) from a job's or a
-    sweep's overrides, e.g. ``cl-run:ewc:lambda=100,seed=1``; hydra.* and path keys are left out."""
+#: the characters a job name keeps; every other one becomes "_"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._:=,+@-]")
+NAME_LIMIT = 80
+
+
+def safe_name(text: Any, limit: int = NAME_LIMIT) -> str:
+    """``text`` as a Slurm job name: letters, digits and ``. _ : = , + @ -`` only (anything else, a
+    space, quote, ``$``, a line break, becomes ``_``), at most ``limit`` characters (``...`` marks a
+    cut). A job name is written into the job's sbatch script (``#SBATCH --job-name=…``: a line break
+    in it would start a shell line of the script) and passed to ``scontrol update JobName=``."""
+    return _short(_UNSAFE_NAME.sub("_", str(text)), limit) or "cl-run"
+
+
+def job_name(overrides: Iterable[str], default_method: str | None = None, limit: int = NAME_LIMIT) -> str:
+    """``cl-run:<method>:<other overrides>`` from a job's or a sweep's overrides, e.g.
+    ``cl-run:ewc:lambda=100,seed=1``; hydra.* and path keys are left out; made safe and shortened to
+    ``limit`` characters by :func:`safe_name` (override values are anything the command line holds)."""
     method, rest = default_method, []
     for o in overrides:
         key, _, value = str(o).lstrip("+~").partition("=")
@@ -280,7 +279,49 @@ def job_name(overrides: Iterable[str], default_method: str | None = None, limit:
             method = value
         elif not key.startswith("hydra") and key not in ("data_dir", "download", "device"):
             rest.append(f"{key}={value}")
-    return _short(f"cl-run:{method or '?'}:{','.join(rest)}".rstrip(":"), limit)
+    return safe_name(f"cl-run:{method or '?'}:{','.join(rest)}".rstrip(":"), limit)
+
+
+#: launcher settings that are shell lines of the sbatch script by design (the user's own commands)
+_SHELL_LINES = ("setup", "teardown")
+#: launcher settings that never reach the script (cl-runner's own)
+_NOT_IN_SCRIPT = ("poll_s", "_target_")
+
+
+def script_problem(params: Mapping[str, Any]) -> str | None:
+    """One line (without ``error: ``) naming the first launcher setting whose text would break out of
+    its line of the sbatch script, else None. submitit writes each setting as ``#SBATCH --key=value``
+    (``shlex.quote``: safe on one line, but a line break ends the comment and the rest of the value
+    becomes a shell command) and ``submitit_folder`` (from ``hydra.sweep.dir``) as ``--output`` /
+    ``--error``; ``additional_parameters`` adds one line per key. So every string in them, keys
+    included, must be free of line breaks and other control characters; a path or a partition
+    cannot be made safe by replacing characters, so it is refused rather than changed. ``setup`` and
+    ``teardown`` are shell lines by design (the user's own config) and not checked; ``name`` is
+    made safe by :func:`safe_name`."""
+    for key, value in params.items():
+        if key in _SHELL_LINES or key in _NOT_IN_SCRIPT:
+            continue
+        for where, text in _strings(str(key), value):
+            bad = next((c for c in text if not c.isprintable()), None)
+            if bad is not None:
+                return (
+                    f"hydra.launcher.{where} must not hold a line break or another control character "
+                    f"({bad!r}: it would end its #SBATCH line in the job script), got {text!r}"
+                )
+    return None
+
+
+def _strings(where: str, value: Any):
+    """(key path, text) for every string in ``value``: mapping keys and values, list items."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield where, str(k)
+            yield from _strings(f"{where}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(f"{where}[{i}]", v)
+    elif isinstance(value, str):
+        yield where, value
 
 
 #: GB per job by benchmark, from measured peaks on CPU (split_digits 0.9 GB, split_mnist 1.1 GB) with

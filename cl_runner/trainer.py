@@ -1,13 +1,21 @@
 """Train a model on a task stream, task after task, and fill the accuracy matrix.
 
 The loop draws mini-batches by indexing device-resident tensors with a seeded permutation; per-step
-losses stay on the device and are read back once per task (no host sync per step).
+losses stay on the device and are read back once per task (no host sync per step). One step is
+:class:`cl_runner.step.TrainingStep`.
+
+:meth:`Trainer.schedule` is the run as a sequence of phases: a generator that does everything around
+the training of each task (the method's hooks, evaluation, importance, checkpoints) and *yields* a
+:class:`TaskTraining` request for each task's training, receiving the task's (losses, penalties).
+:meth:`Trainer.run` answers each request with :meth:`Trainer.train_task` (:func:`drive`); a stacked
+sweep group (cl_runner/stacked.py) advances several runs' schedules in one loop and answers their
+requests together.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,29 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_runner.build import options, partial, unknown_options
+from cl_runner import faults, stopping
 from cl_runner.data.stream import TaskStream, batch_indices
-from cl_runner.methods.base import Batch, Method, TrainingData, cross_entropy
+from cl_runner.methods.base import Method, TrainingData, cross_entropy
+from cl_runner.optimizers import make_optimizer_factory
+from cl_runner.schema import EVAL_EVERY
+from cl_runner.step import TrainingStep
 
-
-def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """model → optimizer over its parameters: the ``optimizer`` node's ``_target_`` with its options
-    (lr and weight decay checked first, so that a bad value is one line)."""
-    make = partial(cfg, "optimizer")
-    bad = unknown_options(make.func, options(cfg), skip=("params",))
-    if bad:
-        raise ValueError(
-            f"optimizer {cfg.get('name')} has no option {', '.join(bad)}; valid options: {', '.join(bad.valid)}"
-        )
-    try:
-        lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0) or 0.0)
-    except (TypeError, ValueError):
-        raise ValueError(f"optimizer.lr and optimizer.weight_decay must be numbers, got {cfg['lr']!r}") from None
-    if not lr > 0 or not math.isfinite(lr):  # also refuses nan
-        raise ValueError(f"optimizer.lr must be > 0 and finite, got {lr}")
-    if not wd >= 0 or not math.isfinite(wd):
-        raise ValueError(f"optimizer.weight_decay must be >= 0 and finite, got {wd}")
-    return lambda m: make(m.parameters(), lr=lr, weight_decay=wd)
+__all__ = ["Trainer", "TaskTraining", "Diverged", "drive", "evaluate", "make_optimizer_factory", "task_loss"]
 
 
 #: the default task loss (:meth:`Method.task_loss`): cross-entropy over the active units
@@ -82,9 +75,6 @@ def _evaluate(
     return torch.stack(accs).tolist(), torch.stack(losses).tolist() if with_loss else None
 
 
-EVAL_EVERY = ("task", "epoch")
-
-
 class TrainerEvents:
     """What the trainer reports; loggers override what they need."""
 
@@ -113,6 +103,37 @@ class TrainResult:
     initial: list[float]
     steps: int
     task_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaskTraining:
+    """A request of :meth:`Trainer.schedule`: train task ``t`` on ``data`` for ``n_steps`` steps
+    (answered with the task's per-step (losses, penalties))."""
+
+    trainer: Trainer
+    t: int
+    data: TrainingData
+    n_steps: int
+
+
+Phases = Generator[TaskTraining, Any, Any]
+
+
+def drive(phases: Phases) -> Any:
+    """Run a schedule to its end, training each requested task with its trainer's own loop; an
+    exception of the training is thrown into the schedule (where the run records it). Returns the
+    schedule's return value."""
+    try:
+        request = next(phases)
+        while True:
+            try:
+                answer = request.trainer.train_task(request)
+            except BaseException as e:  # noqa: BLE001 - the schedule decides what it means
+                request = phases.throw(e)
+            else:
+                request = phases.send(answer)
+    except StopIteration as stop:
+        return stop.value
 
 
 class Trainer:
@@ -155,7 +176,7 @@ class Trainer:
         if eval_every not in EVAL_EVERY:
             raise ValueError(f"eval_every={eval_every!r} is unknown; choose one of: {', '.join(EVAL_EVERY)}")
         self.eval_every = eval_every
-        self.clip_grad_norm = clip_grad_norm
+        self.step = TrainingStep(model, method, clip_grad_norm)
         self.matrix: list[list[float]] = []
         self.initial: list[float] = []
         self.steps = 0
@@ -198,10 +219,14 @@ class Trainer:
         self.steps = int(state["steps"])
         return int(state["tasks_done"])
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the run's phases
     def run(self, resume: Mapping[str, Any] | None = None) -> TrainResult:
+        """The whole stream (continuing after ``resume``'s last task), each task by :meth:`train_task`."""
+        return drive(self.schedule(resume))
+
+    def schedule(self, resume: Mapping[str, Any] | None = None) -> Generator[TaskTraining, Any, TrainResult]:
+        """The run as phases (see the module docstring): yields one :class:`TaskTraining` per task."""
         model, method, stream, ev = self.model, self.method, self.stream, self.events
-        device = next(model.parameters()).device
         method.setup(model, stream, seed=self.seed)
         self.optimizer = self.make_optimizer(model)
         first = 0
@@ -211,6 +236,7 @@ class Trainer:
             self.initial = evaluate(model, stream, -1, self.eval_batch_size)
             ev.evaluated(-1, self.initial)
         for t in range(first, len(stream)):
+            stopping.check()
             task = stream[t]
             if self.reset_optimizer and t > 0:
                 self.optimizer = self.make_optimizer(model)
@@ -218,13 +244,14 @@ class Trainer:
             data = method.training_data(stream, t)
             n_steps = self.steps_for(len(data))
             ev.task_start(t, task.name, n_steps)
-            losses, penalties = self._train_task(data, self.optimizer, n_steps, device, t)
+            losses, penalties = yield TaskTraining(self, t, data, n_steps)
             ev.task_end(t, self.steps, losses, penalties)
             self.steps += n_steps
             row = self._importance_and_row(t)
             self.matrix.append(row)
             ev.evaluated(t, row)
             if self.checkpoint is not None:
+                faults.point("checkpoint", t + 1)
                 self.checkpoint(self.state_dict())
         return TrainResult(self.matrix, self.initial, self.steps, [task.name for task in stream])
 
@@ -233,9 +260,11 @@ class Trainer:
         the matrix). The importance after the last task is left out: only later tasks' penalties read
         it (EWC's Fisher on permuted MNIST was 1 s of a 15 s run)."""
         if t < len(self.stream) - 1:
+            faults.point("importance", t + 1)
             self.method.after_task(self.model, self.stream[t])
             self._check_after_task(t)
             self.events.consolidated(t, self.method)
+        faults.point("evaluate", t + 1)
         return evaluate(self.method.evaluator(self.model, t), self.stream, t, self.eval_batch_size)
 
     def _check_after_task(self, t: int) -> None:
@@ -250,66 +279,41 @@ class Trainer:
         if importance and not bool(torch.stack([torch.isfinite(v).all() for v in importance.values()]).all()):
             raise Diverged(t, None, "importance")
 
-    def _train_task(
-        self, data: TrainingData, optimizer: torch.optim.Optimizer, n_steps: int, device: torch.device, t: int
-    ) -> tuple[list[float], list[float]]:
-        model, method = self.model, self.method
+    # ------------------------------------------------------------------ one task's training
+    def train_task(self, request: TaskTraining) -> tuple[list[float], list[float]]:
+        """The steps of one task: (losses, λ·penalties) per step, read back once at the end."""
+        data, n_steps, t = request.data, request.n_steps, request.t
+        faults.point("train", t + 1)
+        device = next(self.model.parameters()).device
         losses = torch.zeros(n_steps, device=device)
         penalties = torch.zeros(n_steps, device=device)
-        model.train()
+        self.model.train()
         step, checked, epoch = 0, 0, 0
         while step < n_steps:
             for idx in batch_indices(len(data), self.batch_size, self.generator, device):
-                batch, loss = self._forward_backward(data, idx, t, optimizer)
-                penalty = self._gradient_hooks(batch)
+                loss, penalty = self.step(data, idx, t, self.optimizer)
                 if penalty is not None:
                     penalties[step] = penalty
-                optimizer.step()
-                method.after_step(model, batch)
-                losses[step] = loss.detach()
+                losses[step] = loss
                 step += 1
                 if step % self.progress_every == 0 or step == n_steps:
                     # the host syncs here anyway (progress); check the steps since the last check
-                    self._check_finite(losses, penalties, checked, step, t)
+                    self.check_finite(losses, penalties, checked, step, t)
+                    stopping.check()
                     checked = step
                     self.events.progress(t, step, float(losses[step - 1]))
                 if step >= n_steps:
                     break
             epoch += 1  # a pass over the task's data ended (or the task's last step, with `iterations`)
             if self.eval_every == "epoch":
-                scorer = self.method.evaluator(model, t)
+                scorer = self.method.evaluator(self.model, t)
                 accs, test_losses = evaluate_with_loss(scorer, self.stream, t, self.eval_batch_size)
                 self.events.epoch_evaluated(t, epoch, self.steps + step, accs, test_losses)
         return losses.tolist(), penalties.tolist()
 
-    def _forward_backward(
-        self, data: TrainingData, idx: Tensor, t: int, optimizer: torch.optim.Optimizer
-    ) -> tuple[Batch, Tensor]:
-        """A step up to ``.backward()``: the method's batch, the task loss (+ the method's term)."""
-        method = self.method
-        su = None if data.sample_units is None else data.sample_units[idx]
-        batch = method.training_batch(Batch(data.x[idx], data.y[idx], data.units, su, t))
-        optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch.x)
-        loss = method.task_loss(batch, logits)
-        extra = method.loss(batch, logits)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        return batch, loss
-
-    def _gradient_hooks(self, batch: Batch) -> Tensor | None:
-        """After ``.backward()``, before the optimizer step: the method's gradient hook, then λ·penalty's
-        gradient, then ``clip_grad_norm`` on the whole gradient (task loss + penalty, as the seeds' code
-        clips after the regularized loss's backward); returns λ·penalty (None without one)."""
-        self.method.after_backward(self.model, batch)
-        penalty = self.method.add_penalty_grad(self.model) if self.method.strength else None
-        if self.clip_grad_norm is not None:
-            # foreach=True: one fused kernel; no host sync (the norm stays on the device)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm, foreach=True)
-        return penalty
-
-    def _check_finite(self, losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:
+    @staticmethod
+    def check_finite(losses: Tensor, penalties: Tensor, lo: int, hi: int, t: int) -> None:
+        """:class:`Diverged` at the earliest step in [lo, hi) whose loss or penalty is not finite."""
         finite = torch.isfinite(torch.stack([losses[lo:hi], penalties[lo:hi]]))
         if bool(finite.all()):
             return

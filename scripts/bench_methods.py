@@ -13,7 +13,8 @@
 
    DER, DER++ and ER-ACE replay 128 memory samples per step (DER++: two draws of 128), as the DER
    table's P-MNIST setting, from a memory of 500. GDumb trains nothing per step (part 4).
-3. PROTOCOLS.md D3's CNN (``model=cnn_d3``, 2,980 parameters, 30 outputs, 28×28 MNIST, SGD lr 0.002,
+3. The curvature demonstration's CNN ("D3", docs/protocols/curvature.md; ``model=cnn_d3``, 2,980 parameters,
+   30 outputs, 28×28 MNIST, SGD lr 0.002,
    batch 256, class-IL units of task 2): per-step time of EWC with ``method.fisher`` diag / kfac /
    dense (1 and 2 past tasks) as a ratio to finetune; the Fisher of --d3-samples samples in each
    representation (labels all over 10 units and sample), and one natural-gradient preconditioning
@@ -64,12 +65,18 @@ METHODS = [
     ("rwalk", {}, 1),
     ("scp", {"scp_samples": 256}, 1),
     ("replay", {}, 0),  # batch 128 + 128 replayed from a full memory of 1000 (filled during the warm-up)
+    ("lwf", {}, 1),  # + the frozen copy's forward (distillation of the shared head: domain layout)
+    ("agem", {"buffer_size": 500}, 4),  # + forward/backward of 128 memory samples, projection
+    ("gem", {"buffer_size": 200}, 4),  # 5 tasks: 4 memories of 40
+    ("gem", {"buffer_size": 200}, 19),  # 20 tasks: 19 memories of 10 (the DER table's 200)
+    ("gem", {"buffer_size": 500}, 19),  # 20 tasks: 19 memories of 25 (the DER table's 500)
+    ("icarl", {"buffer_size": 500}, 1),  # BCE; domain layout: no old classes, so no frozen-copy forward
     # P-MNIST's DER-table setting (mammoth best_args: --minibatch_size 128 at batch 128), memory of 500
     ("der", {"replay_batch": 128}, 0),  # + 128 memory samples (logit MSE)
     ("derpp", {"replay_batch": 128}, 0),  # + 2 × 128 memory samples (logit MSE; labels' CE)
     ("er_ace", {"replay_batch": 128}, 0),  # + 128 memory samples; masked CE on the batch
 ]
-NO_STRENGTH = ("finetune", "replay", "der", "derpp", "er_ace")
+NO_STRENGTH = ("finetune", "replay", "agem", "gem", "icarl", "der", "derpp", "er_ace")
 
 
 def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
@@ -91,11 +98,15 @@ def sync(device: torch.device) -> None:
 def step_timer(trainer, data, opt, device, steps, warmup):
     """A function that runs ``warmup`` steps of the trainer's own loop, then returns ms per step of ``steps``."""
 
+    from cl_runner.trainer import TaskTraining
+
+    trainer.optimizer = opt
+
     def run_once() -> float:
-        trainer._train_task(data, opt, warmup, device, 0)
+        trainer.train_task(TaskTraining(trainer, 0, data, warmup))
         sync(device)
         t0 = time.perf_counter()
-        trainer._train_task(data, opt, steps, device, 0)
+        trainer.train_task(TaskTraining(trainer, 0, data, steps))
         sync(device)
         return (time.perf_counter() - t0) / steps * 1e3
 
@@ -176,7 +187,7 @@ def main(argv=None) -> None:
         base = statistics.median(times[0])
         for (name, options, n_tasks), ts in zip(METHODS, times, strict=True):
             ms = statistics.median(ts)
-            opts = ",".join(f"{k}={v}" for k, v in options.items() if k == "grad")
+            opts = ",".join(f"{k}={v}" for k, v in options.items() if k in ("grad", "buffer_size"))
             print(f"{name:<12} {opts:<24} {n_tasks:>10} {ms:>9.2f} {ms / base:>11.2f}", flush=True)
 
     if not args.skip_fisher:

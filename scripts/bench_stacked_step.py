@@ -74,19 +74,24 @@ def one_shape(din: int, batch: int, n: int, device: torch.device, repeats: int) 
 
     ref = [[g.clone() for g in gs] for gs in separate()]
     for fn in (separate, vmapped, batched):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            grads = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = 1000 * (time.perf_counter() - start) / repeats
-        pairs = [(a, b) for ga, gb in zip(ref, grads, strict=True) for a, b in zip(ga, gb, strict=True)]
-        diff = max(float((a - b).abs().max()) for a, b in pairs)
-        same = "bitwise" if diff == 0 else f"max |diff| {diff:.1e}"
+        ms, same = _time(fn, ref, device, repeats)
         print(f"MLP {din}-400-400-10, batch {batch}, {n} members, {fn.__name__:>8}: {ms:7.2f} ms/step, {same}")
+
+
+def _time(fn, ref, device: torch.device, repeats: int) -> tuple[float, str]:
+    """ms per call of ``fn`` (after a warm-up), and how its gradients compare with ``ref``."""
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        grads = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - start) / repeats
+    pairs = [(a, b) for ga, gb in zip(ref, grads, strict=True) for a, b in zip(ga, gb, strict=True)]
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    return ms, "bitwise" if diff == 0 else f"max |diff| {diff:.1e}"
 
 
 if __name__ == "__main__":

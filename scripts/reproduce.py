@@ -18,7 +18,8 @@ Method entries:
 
 Example (protocol A on the real MNIST of this machine)::
 
-    python scripts/reproduce.py hsu2018_split_mnist_task hsu2018_split_mnist_domain hsu2018_split_mnist_class \\
+    python scripts/reproduce.py hsu2018_split_mnist_mlp400_task hsu2018_split_mnist_mlp400_domain \\
+        hsu2018_split_mnist_mlp400_class \\
         --seeds 0 1 2 -- data_dir=/work/shared/data download=false
 
 Outputs: the markdown table on stdout (rows = method entries, columns = presets, cells =

@@ -8,8 +8,8 @@ from conftest import cl_run, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util.tensor_util import make_ndarray
 
-from cl_runner.app import run_experiment
-from cl_runner.report.files import read_matrix_csv
+from cl_runner.record import read_matrix_csv
+from cl_runner.run import run_experiment
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's 
 (`_target_`, `_partial_`) are not values and are left out of the comparison. Added deliberately since:
 `method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal);
 `active_units: seen` and `clip_grad_norm: null` everywhere (their defaults change nothing), and the
-seeds_fellowship_cnn entries' values from the seeds' code (active_units all, clip 10, momentum 0.9) and
-EWC's sampled Fisher labels there."""
+curvature preset's entries' values from its demonstration's code (active_units all, clip 10, momentum 0.9;
+docs/protocols/curvature.md) and EWC's sampled Fisher labels there. Renamed since: the presets' keys to
+their new names (docs/protocols/README.md, "Preset names"); the former names are aliases that compose to
+the same values (tests/test_preset_aliases.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def test_composes_to_the_same_values_as_before(overrides, monkeypatch):
 
 def test_command_line_wins_over_a_preset():
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
-        exp = ["experiment=hsu2018_split_mnist_domain", "method=si"]
+        exp = ["experiment=hsu2018_split_mnist_mlp400_domain", "method=si"]
         assert hydra.compose("config", overrides=exp)["lambda"] == 3000
         cfg = hydra.compose("config", overrides=[*exp, "lambda=7", "method.xi=0.5"])
     assert (cfg["lambda"], cfg.method.xi, cfg.method.grad) == (7, 0.5, "task")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import cl_run, compose_config
 
-from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.models import build_model
+from cl_runner.run import run_experiment
 from cl_runner.trainer import evaluate, evaluate_with_loss
 
 RUN = ["benchmark=split_digits", "benchmark.n_tasks=3", "scenario=class", "epochs=2", "batch_size=64", "threads=1"]

@@ -37,7 +37,7 @@ def compose(*overrides: str):
 def run(tmp_path_factory):
     """Mean ACC, BWT and learning accuracy over SEEDS of ``cl-run <overrides>``; runs are cached by
     their resolved method and λ, so ``method=ewc`` and ``method=ewc lambda=<its default>`` run once."""
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     cache: dict[tuple, dict] = {}
 

@@ -171,7 +171,7 @@ def test_fisher_picture_is_in_tensorboard(tmp_path, kind):
 
 
 def test_cl_run_refuses_a_too_large_dense_fisher_before_any_folder():
-    from cl_runner.app import validate
+    from cl_runner.checks import validate
 
     cfg = compose_config("method=ewc", "method.fisher=dense")  # the default MLP 400-400: 190,410 parameters
     with pytest.raises(ValueError, match=r"^method.fisher=dense: the model has 190,410 trainable parameters"):

@@ -1,5 +1,6 @@
-"""EWC's ``fisher_estimator=squared_batch_grad`` (the seeds' D2 estimator) against a brute-force
-autograd loop, its data order and options, and the state contract of importance passes."""
+"""EWC's ``fisher_estimator=squared_batch_grad`` (the EWC trade-off preset's estimator,
+docs/protocols/ewctradeoff.md#fisher) against a brute-force autograd loop, its data order and options,
+and the state contract of importance passes."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def fisher_diagonal(model, *args):
 
 
 def brute_squared_batch_grad(model, x, y, units, batch_size, n_batches):
-    """The seed's loop: per mini-batch (data order), backward the batch-mean log-likelihood of the
+    """The estimator's loop: per mini-batch (data order), backward the batch-mean log-likelihood of the
     true labels and accumulate grad² / (number of batches)."""
     lo, hi = units
     model = copy.deepcopy(model)

@@ -49,7 +49,7 @@ ACC_SLACK = 0.02  # and the final accuracy does not drop below finetune's
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     cache: dict[tuple[str, ...], dict] = {}
 

@@ -75,7 +75,7 @@ def throwaway(tmp_path, monkeypatch):
 
 
 def test_a_method_is_one_file_and_one_config(throwaway, tmp_path):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     with initialize_config_dir(config_dir=str(throwaway), version_base="1.3"):
         cfg = compose("config", overrides=["method=decay", "method.scale=2.0", *SMALL])

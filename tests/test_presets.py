@@ -1,7 +1,8 @@
 """Experiment presets (configs/experiment/): each composes to the published protocol's values
-(checked against a table copied by hand from PROTOCOLS.md), command-line choices still win, and a
+(checked against a table copied by hand from docs/protocols/), command-line choices still win, and a
 shortened version of each (tiny fake MNIST-format files, one step per task) runs end to end.
-Also scripts/reproduce.py on the same tiny data."""
+Also scripts/reproduce.py on the same tiny data. The presets' former names (aliases kept for one
+release): tests/test_preset_aliases.py."""
 
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from omegaconf import OmegaConf
 from test_vision_data import fake_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-HSU = [f"hsu2018_split_mnist_{s}" for s in ("task", "domain", "class")]
-VDV = [f"vandeven2019_permuted_mnist_{s}" for s in ("task", "domain", "class")]
+# the presets, without the former names kept as aliases (`# alias of <new name> …`, tests/test_preset_aliases.py)
+PRESETS = sorted(
+    p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if "\n# alias of " not in "\n" + p.read_text()
+)
+HSU = [f"hsu2018_split_mnist_mlp400_{s}" for s in ("task", "domain", "class")]
+VDV = [f"vandeven2019_permuted_mnist_mlp1000_{s}" for s in ("task", "domain", "class")]
+EWC_DEMOS = ["ewctutorial_mnist_fashion_mlp256_domain", "ewctradeoff_mnist_fashion_mlp256bn_domain"]
+CURVATURE = "curvature_mnist_fashion_kmnist_cnn_class"
 
-# PROTOCOLS.md A, "Strength c per scenario (task / domain / class)"
+# docs/protocols/hsu2018.md#methods, "Strength c per scenario (task / domain / class)"
 HSU_STRENGTH = {
     "ewc": (100, 100, 600),
     "online_ewc": (400, 700, 100),
@@ -32,7 +38,7 @@ HSU_STRENGTH = {
     "l2": (0.01, 0.5, 100),
     "mas": (1, 10000, 1),
 }
-# PROTOCOLS.md B, (λ, γ) per scenario
+# docs/protocols/vandeven2019.md#methods, (λ, γ) per scenario
 VDV_STRENGTH = {
     "task": {"ewc": 500, "online_ewc": (500, 0.8), "si": 5},
     "domain": {"ewc": 500, "online_ewc": (1000, 0.9), "si": 5},
@@ -52,7 +58,7 @@ def resolved(cfg) -> dict:
 
 
 def test_all_named_presets_exist():
-    assert set(HSU + VDV + ["seeds_ewc_mnist_fashion", "seeds_ewc_tradeoff"]) <= set(PRESETS)
+    assert set(HSU + VDV + EWC_DEMOS + [CURVATURE, "regularizers_rotated_mnist_mlp400_domain"]) <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", HSU)
@@ -84,8 +90,8 @@ def test_hsu_presets_match_protocol_a(preset):
 
 
 def test_hsu_domain_si_shows_protocol_a_row():
-    """The values the issue names for `cl-run experiment=hsu2018_split_mnist_domain method=si`."""
-    cfg = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=si"))
+    """The values the issue names for `cl-run experiment=hsu2018_split_mnist_mlp400_domain method=si`."""
+    cfg = resolved(compose("experiment=hsu2018_split_mnist_mlp400_domain", "method=si"))
     assert cfg["lambda"] == 3000 and cfg["method"] == {"name": "si", "lambda": 3000, "xi": 0.1, "grad": "task"}
     assert cfg["benchmark"]["pad"] == 32 and cfg["benchmark"]["normalize"] == {"mean": 0.1, "std": 0.2752}
     assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"]["name"], cfg["optimizer"]["lr"]) == (
@@ -99,11 +105,11 @@ def test_hsu_domain_si_shows_protocol_a_row():
 def test_command_line_choices_win_over_the_preset():
     # Hsu's plain-SGD baseline: a command-line group choice beats the preset's `override /optimizer`,
     # and the learning rate comes from sgd.yaml (Hsu's 0.01)
-    sgd = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=finetune", "optimizer=sgd"))
+    sgd = resolved(compose("experiment=hsu2018_split_mnist_mlp400_domain", "method=finetune", "optimizer=sgd"))
     assert sgd["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
     cfg = resolved(
         compose(
-            "experiment=hsu2018_split_mnist_domain",
+            "experiment=hsu2018_split_mnist_mlp400_domain",
             "method=si",
             "lambda=5",
             "method.xi=0.5",
@@ -142,13 +148,13 @@ def test_van_de_ven_presets_match_protocol_b(preset):
     assert resolved(compose(f"experiment={preset}", "method=joint"))["method"]["mode"] == "cumulative"
 
 
-def test_seeds_mnist_fashion_presets():
-    # seeds_mnist_fashion became seeds_ewc_mnist_fashion (D1) and seeds_ewc_tradeoff (D2);
-    # tests/test_seeds_presets.py checks every value of both against PROTOCOLS.md
-    cfg = resolved(compose("experiment=seeds_ewc_mnist_fashion", "method=ewc"))
+def test_mnist_fashion_presets():
+    # seeds_mnist_fashion became the EWC tutorial and the EWC trade-off presets;
+    # tests/test_seeds_presets.py checks every value of both against docs/protocols/
+    cfg = resolved(compose("experiment=ewctutorial_mnist_fashion_mlp256_domain", "method=ewc"))
     assert cfg["scenario"] == "domain" and cfg["benchmark"]["datasets"] == ["mnist", "fashion_mnist"]
     assert cfg["model"]["hidden"] == [256] and cfg["lambda"] == 1000
-    bn = resolved(compose("experiment=seeds_ewc_tradeoff", "method=ewc"))
+    bn = resolved(compose("experiment=ewctradeoff_mnist_fashion_mlp256bn_domain", "method=ewc"))
     assert bn["model"]["hidden"] == [256, 128] and bn["model"]["batch_norm"] is True
 
 
@@ -178,7 +184,7 @@ SHORT = [
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     methods = preset_methods(preset)
     assert len(methods) > 1
@@ -191,9 +197,9 @@ def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
         on_disk = json.loads((out / "metrics.json").read_text())
         assert on_disk["status"] == "ok" and on_disk["method"] == method
         n_tasks = len(on_disk["task_names"])
-        # seeds_fellowship_cnn: MNIST, Fashion-MNIST and KMNIST (the fake files in the real format)
-        special = {"seeds_rotated_mnist": 5, "seeds_fellowship_cnn": 3}
-        assert n_tasks == special.get(preset, {"hsu": 5, "van": 3, "see": 2}[preset[:3]])
+        # curvature: MNIST, Fashion-MNIST and KMNIST (the fake files in the real format); rotated: 5 angles
+        n_of = {"hsu2018": 5, "vandeven2019": 3, "ewctutorial": 2, "ewctradeoff": 2, "curvature": 3, "regularizers": 5}
+        assert n_tasks == n_of[preset.split("_", 1)[0]]
         assert len(on_disk["accuracy_matrix"]) == n_tasks and all(len(r) == n_tasks for r in on_disk["accuracy_matrix"])
         assert on_disk["acc"] == pytest.approx(sum(on_disk["accuracy_matrix"][-1]) / n_tasks)
         assert result["acc"] == on_disk["acc"]
@@ -229,7 +235,7 @@ def test_reproduce_runs_methods_times_seeds_and_tables_them(data_dir, tmp_path):
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "reproduce.py"),
-        "hsu2018_split_mnist_domain",
+        "hsu2018_split_mnist_mlp400_domain",
         "--methods",
         "finetune",
         "finetune_sgd",
@@ -252,7 +258,7 @@ def test_reproduce_runs_methods_times_seeds_and_tables_them(data_dir, tmp_path):
     for label, optimizer in (("finetune", "adam"), ("finetune_sgd", "sgd")):
         jobs = [
             json.loads(p.read_text())
-            for p in sorted((out / "hsu2018_split_mnist_domain" / label).rglob("metrics.json"))
+            for p in sorted((out / "hsu2018_split_mnist_mlp400_domain" / label).rglob("metrics.json"))
         ]
         assert sorted(j["seed"] for j in jobs) == [0, 1]
         assert {j["optimizer"] for j in jobs} == {optimizer} and {j["method"] for j in jobs} == {"finetune"}
@@ -262,22 +268,22 @@ def test_reproduce_runs_methods_times_seeds_and_tables_them(data_dir, tmp_path):
         assert float(row["acc_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-4)
         assert float(row["acc_std"]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
         assert f"| {label} | {statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f} |" in proc.stdout
-    assert (out / "results.md").read_text().startswith("| method | hsu2018_split_mnist_domain (domain-IL) |")
+    assert (out / "results.md").read_text().startswith("| method | hsu2018_split_mnist_mlp400_domain (domain-IL) |")
     # an existing output folder is refused unless --resume, which skips the finished entries
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
 @pytest.mark.slow
-def test_seeds_fellowship_cnn_sweep_is_one_table_of_every_row(data_dir, tmp_path):
-    """`cl-run -m experiment=seeds_fellowship_cnn` (shortened, fake MNIST / Fashion-MNIST / KMNIST files
-    in the real format) runs every compared method as a row and ends in one summary table."""
+def test_curvature_sweep_is_one_table_of_every_row(data_dir, tmp_path):
+    """`cl-run -m experiment=curvature_mnist_fashion_kmnist_cnn_class` (shortened, fake MNIST / Fashion-MNIST /
+    KMNIST files in the real format) runs every compared method as a row and ends in one summary table."""
     from conftest import cl_run
 
     sweep = tmp_path / "d3"
     proc = cl_run(
         "-m",
-        "experiment=seeds_fellowship_cnn",
+        f"experiment={CURVATURE}",
         f"data_dir={data_dir}",
         "threads=1",
         *SHORT,

@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import compose_config, defaults
 
-from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.methods import build_method, method_from_config
 from cl_runner.methods.base import Batch
 from cl_runner.methods.replay import Replay, reservoir_slots
 from cl_runner.models import build_model
+from cl_runner.run import run_experiment
 from cl_runner.trainer import Trainer, make_optimizer_factory, task_loss
 
 

@@ -245,7 +245,7 @@ def test_bad_options_name_the_key(name, options, message):
 
 def _mean_bwt(root, *overrides) -> float:
     """Mean BWT of the default run over seeds 0–2 with ``overrides``."""
-    from cl_runner.app import run_experiment
+    from cl_runner.run import run_experiment
 
     values = []
     for seed in (0, 1, 2):
@@ -273,27 +273,28 @@ def test_beats_finetune_bwt_on_permuted_digits(method, tmp_path_factory, finetun
     assert ours > base + 0.05, (method, ours, base)
 
 
-# ---- preset D4 --------------------------------------------------------------------------------------
+# ---- preset regularizers_rotated_mnist_mlp400_domain (docs/protocols/regularizers.md) ---------------
 
+REGULARIZERS = "regularizers_rotated_mnist_mlp400_domain"
 D4_METHODS = ("finetune", "ewc", "mas", "si", "rwalk", "scp", "joint")
 
 
 @pytest.mark.parametrize("method", D4_METHODS)
-def test_seeds_rotated_mnist_follows_protocol_d4(method):
+def test_regularizers_preset_follows_its_protocol(method):
     from omegaconf import OmegaConf
 
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
-        cfg = hydra.compose("config", overrides=["experiment=seeds_rotated_mnist", f"method={method}"])
+        cfg = hydra.compose("config", overrides=[f"experiment={REGULARIZERS}", f"method={method}"])
         bare = hydra.compose("config", overrides=[f"method={method}"])
     cfg = OmegaConf.to_container(cfg, resolve=True)
     assert cfg["benchmark"]["name"] == "rotated_mnist" and cfg["benchmark"]["angles"] == [0, 20, 40, 60, 80]
     assert cfg["scenario"] == "domain"
     assert cfg["model"]["name"] == "mlp" and cfg["model"]["hidden"] == [400, 400]
     assert cfg["method"]["name"] == method
-    # every regularizer has a strength stated in configs/protocol/seeds_rotated_mnist/<method>.yaml
+    # every regularizer has a strength stated in configs/protocol/<preset>/<method>.yaml
     from importlib import resources
 
-    protocol = resources.files("cl_runner.configs") / "protocol" / "seeds_rotated_mnist" / f"{method}.yaml"
+    protocol = resources.files("cl_runner.configs") / "protocol" / REGULARIZERS / f"{method}.yaml"
     if method in ("finetune", "joint"):
         assert cfg["lambda"] in (None, 0) and not protocol.is_file()
     else:

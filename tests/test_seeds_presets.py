@@ -1,5 +1,6 @@
-"""The seeds' demonstrations (PROTOCOLS.md D1, D2) as presets: every value checked against a table
-copied by hand from PROTOCOLS.md, and the EWC each preset builds uses the protocol's estimator."""
+"""The demonstrations' presets (docs/protocols/ewctutorial.md, ewctradeoff.md, curvature.md,
+regularizers.md): every value checked against a table copied by hand from those pages, and the EWC
+each preset builds uses the protocol's estimator."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.methods import build_method
 
-# PROTOCOLS.md D1 / D2
+# docs/protocols/ewctutorial.md (D1) / ewctradeoff.md (D2)
 D1 = {
     "model": ([256], False),
     "optimizer": ("sgd", 0.001, 0.0),
@@ -44,9 +45,13 @@ def compose(*overrides: str) -> dict:
         return OmegaConf.to_container(hydra.compose("config", overrides=list(overrides)), resolve=True)
 
 
-@pytest.mark.parametrize("preset, want", [("seeds_ewc_mnist_fashion", D1), ("seeds_ewc_tradeoff", D2)])
+TUTORIAL, TRADEOFF = "ewctutorial_mnist_fashion_mlp256_domain", "ewctradeoff_mnist_fashion_mlp256bn_domain"
+CURVATURE = "curvature_mnist_fashion_kmnist_cnn_class"
+
+
+@pytest.mark.parametrize("preset, want", [(TUTORIAL, D1), (TRADEOFF, D2)])
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
-def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
+def test_ewc_demo_presets_follow_their_protocols(preset, want, method):
     cfg = compose(f"experiment={preset}", f"method={method}")
     b = cfg["benchmark"]
     assert (b["name"], b["datasets"], b["pad"], b["normalize"]) == (
@@ -86,19 +91,19 @@ def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
         assert ewc.half is want["ewc"]["half"]
 
 
-def test_d2_sweep_overrides_lambda_only():
+def test_tradeoff_sweep_overrides_lambda_only():
     for lam in (1000, 10000, 100000):
-        cfg = compose("experiment=seeds_ewc_tradeoff", "method=ewc", f"lambda={lam}")
+        cfg = compose(f"experiment={TRADEOFF}", "method=ewc", f"lambda={lam}")
         assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "squared_batch_grad"
 
 
-# PROTOCOLS.md D3
+# docs/protocols/curvature.md (D3)
 D3_ROWS = ["finetune", "replay", *(f"{m}_{k}" for m in ("ewc", "ng_replay") for k in ("diag", "kfac", "dense"))]
 
 
 @pytest.mark.parametrize("row", D3_ROWS)
-def test_seeds_fellowship_cnn_follows_protocol_d3(row):
-    cfg = compose("experiment=seeds_fellowship_cnn", f"row={row}")
+def test_curvature_preset_follows_its_protocol(row):
+    cfg = compose(f"experiment={CURVATURE}", f"row={row}")
     b = cfg["benchmark"]
     assert (b["name"], b["datasets"], b["pad"], b["normalize"]) == (
         "mnist_fellowship",
@@ -106,7 +111,7 @@ def test_seeds_fellowship_cnn_follows_protocol_d3(row):
         0,
         None,
     )
-    # one fixed 30-unit head from the first task and the norm clipped at 10: the seeds' code (not in the text)
+    # one fixed 30-unit head from the first task and the norm clipped at 10: the demonstration's code (not its text)
     assert (cfg["scenario"], cfg["active_units"], cfg["eval_every"], cfg["clip_grad_norm"]) == (
         "class",
         "all",
@@ -120,7 +125,7 @@ def test_seeds_fellowship_cnn_follows_protocol_d3(row):
         False,
     )
     o = cfg["optimizer"]
-    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("sgd", 0.002, 0.9, 0.0)  # the seeds' momentum
+    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("sgd", 0.002, 0.9, 0.0)  # the code's momentum
     assert (cfg["batch_size"], cfg["epochs"], cfg["iterations"], cfg["reset_optimizer"]) == (256, 5, None, False)
     m = cfg["method"]
     method, _, kind = row.rpartition("_") if row.endswith(("diag", "kfac", "dense")) else (row, "", None)
@@ -136,12 +141,12 @@ def test_seeds_fellowship_cnn_follows_protocol_d3(row):
     assert built.name == method
 
 
-def test_seeds_fellowship_cnn_sweeps_every_compared_method_as_a_row():
-    cfg = compose("experiment=seeds_fellowship_cnn")
+def test_curvature_preset_sweeps_every_compared_method_as_a_row():
+    cfg = compose(f"experiment={CURVATURE}")
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
-        full = hydra.compose("config", overrides=["experiment=seeds_fellowship_cnn"], return_hydra_config=True)
+        full = hydra.compose("config", overrides=[f"experiment={CURVATURE}"], return_hydra_config=True)
     params = OmegaConf.to_container(full.hydra.sweeper.params)
     (override,) = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     assert override.key_or_group == "row" and list(override.sweep_string_iterator()) == D3_ROWS

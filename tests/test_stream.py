@@ -104,7 +104,7 @@ def test_evaluate_counts_argmax_within_eval_units():
 
 
 def test_class_il_with_every_unit_active_from_the_first_task():
-    """active_units=all (the seeds' D3: one fixed head): every task trains and is tested on all units."""
+    """active_units=all (docs/protocols/curvature.md: one fixed head): every task trains and is tested on all units."""
     groups = [[0, 1], [2, 3], [4, 5]]
     assert assign_units(groups, "class", "all") == ([(0, 6)] * 3, [(0, 2), (2, 4), (4, 6)], 6)
     s = build_stream(SPLIT, "class", seed=0, device="cpu", data_dir=".", active_units="all")

@@ -224,15 +224,16 @@ def test_callback_summarizes_and_never_raises(mixed_sweep, monkeypatch, capsys):
     cb = sweep.SummaryCallback()
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep)}}}))
     assert len(_read_csv(mixed_sweep / "summary.csv")) == 5
-    assert len(sweep.LAST_ROWS) == 5 and sweep.sweep_status(sweep.LAST_ROWS) == 1  # for cl-run's exit code
+    assert len(cb.rows) == 5 and sweep.sweep_status(cb.rows) == 1  # for cl-run's exit code
 
     def broken(*a, **k):
         raise RuntimeError("disk full\nsecond line")
 
-    monkeypatch.setattr(sweep, "summarize", broken)
+    monkeypatch.setattr(sweep, "write_summary", broken)
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep)}}}))
     err = capsys.readouterr().err
     assert "summary: could not summarize the sweep: RuntimeError: disk full second line" in err
+    assert sweep.sweep_status(cb.rows) == 1  # the exit status does not depend on writing the files
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep / "nope")}}}))
     cb.on_multirun_end(OmegaConf.create({}))  # no hydra node at all
     assert "does not exist" in capsys.readouterr().err
@@ -417,7 +418,7 @@ def test_swept_key_is_a_column_and_folders_are_named_by_what_varies(tmp_path):
         (0, "0_method.fisher_labels=pred", "ok"),
         (1, "1_method.fisher_labels=all", "missing"),
     ]
-    assert rows[1]["method"] == "ewc" and sweep._swept_value(rows[1], "method.fisher_labels") == "all"
+    assert rows[1]["method"] == "ewc" and sweep.swept_value(rows[1], "method.fisher_labels") == "all"
     summary = subprocess.run(
         [sys.executable, "-m", "cl_runner.report.summary", str(out), "--quiet"],
         capture_output=True,

@@ -241,36 +241,50 @@ def test_launcher_ships_in_the_wheel(installed_site):
     assert (installed_site / "cl_runner" / "stacked.py").is_file()
 
 
+def _open_group(forward, cfgs, folders):
+    """A stacked group of runs opened as the vectorized launcher opens them (each run's phases,
+    advanced to its first training request)."""
+    from cl_runner import stacked
+    from cl_runner.run import run_phases
+
+    group = stacked.Group(forward)
+    for cfg, folder in zip(cfgs, folders, strict=True):
+        phases = run_phases(cfg, folder)
+        group.add(phases, next(phases))
+    return group
+
+
 @pytest.mark.slow
 def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, one_thread, monkeypatch):
     """Ctrl-C while a group trains task 2: every member saves its finished task as `interrupted`
     with its checkpoint; running the group again resumes all of them (together) and ends with the
     matrices of uninterrupted separate runs."""
-    from cl_runner import app, stacked
+    from cl_runner.run import RunStopped, run_experiment
+    from cl_runner.trainer import Trainer
 
     cfgs = [compose_cfg(*SHORT, "method=ewc", f"lambda={v}") for v in (1, 1000)]
-    ref = [app.run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
-    jobs = [lambda c=c, i=i: app.run_experiment(c, tmp_path / f"vec{i}") for i, c in enumerate(cfgs)]
-    real = stacked._own_train_task  # forward=loop: each member's task by the trainer's own loop
+    ref = [run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
+    folders = [tmp_path / f"vec{i}" for i in range(len(cfgs))]
+    real = Trainer.train_task  # forward=loop: each member's task by the trainer's own loop
 
-    def ctrl_c_at_task_2(r, group, m):
-        if r.t == 1:
+    def ctrl_c_at_task_2(self, request):
+        if request.t == 1:
             raise KeyboardInterrupt
-        return real(r, group, m)
+        return real(self, request)
 
-    monkeypatch.setattr(stacked, "_own_train_task", ctrl_c_at_task_2)
-    group = stacked.Group("loop")
-    members = group.run(jobs)
+    monkeypatch.setattr(Trainer, "train_task", ctrl_c_at_task_2)
+    group = _open_group("loop", cfgs, folders)
+    members = group.run()
     assert group.interrupted
     for i, m in enumerate(members):
-        assert isinstance(m.error, app.RunStopped) and m.error.status == "interrupted"
+        assert isinstance(m.error, RunStopped) and m.error.status == "interrupted"
         saved = json.loads((tmp_path / f"vec{i}" / "metrics.json").read_text())
         assert saved["status"] == "interrupted" and saved["tasks_done"] == 1
         assert saved["accuracy_matrix"] == ref[i][:1]
         assert (tmp_path / f"vec{i}" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(stacked, "_own_train_task", real)
-    group = stacked.Group("loop")
-    members = group.run(jobs)
+    monkeypatch.setattr(Trainer, "train_task", real)
+    group = _open_group("loop", cfgs, folders)
+    members = group.run()
     assert group.trained_together == 2  # tasks 2 and 3, both members at once
     for i, m in enumerate(members):
         assert m.error is None, m.error
@@ -278,17 +292,18 @@ def test_interrupted_group_resumes_to_the_same_matrices(tmp_path, compose_cfg, o
 
 
 @pytest.mark.slow
-def test_vmap_members_importance_and_evaluation_run_on_the_coordinators_threads(tmp_path, compose_cfg, monkeypatch):
-    """forward=vmap: a member's thread computes on one CPU thread, so its importance pass and its
-    evaluation after each task run in the coordinator's thread, on the jobs' `threads`; the members'
-    stacked Adam is the fused CPU kernel; results stay those of separate runs to rounding."""
+def test_vmap_members_run_in_one_thread_on_the_jobs_threads(tmp_path, compose_cfg, monkeypatch):
+    """forward=vmap: the group has no threads of its own; every member's importance passes and
+    evaluations run in the main thread on the jobs' `threads`; the members' stacked Adam is the fused
+    CPU kernel; results stay those of separate runs to rounding."""
     import threading
 
-    from cl_runner import app, stacked, trainer
+    from cl_runner import stacked, trainer
     from cl_runner.methods.ewc import EWC
+    from cl_runner.run import run_experiment
 
     cfgs = [compose_cfg(*SHORT, "method=ewc", f"lambda={v}", "threads=2") for v in (1, 1000)]
-    ref = [app.run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
+    ref = [run_experiment(c, tmp_path / f"ref{i}")["accuracy_matrix"] for i, c in enumerate(cfgs)]
     where: dict[str, list] = {"after_task": [], "evaluate": [], "fused": []}
 
     def spy(name, real):
@@ -308,13 +323,12 @@ def test_vmap_members_importance_and_evaluation_run_on_the_coordinators_threads(
         return opt
 
     monkeypatch.setattr(stacked, "_stacked_optimizer", record)
-    jobs = [lambda c=c, i=i: app.run_experiment(c, tmp_path / f"vec{i}") for i, c in enumerate(cfgs)]
-    group = stacked.Group("vmap", threads=2)
-    members = group.run(jobs)
+    group = _open_group("vmap", cfgs, [tmp_path / f"vec{i}" for i in range(len(cfgs))])
+    members = group.run()
     assert group.trained_together == 3
-    # 2 members x 2 Fishers (none after the last task); evaluations after each of the 3 tasks
+    # 2 members x 2 Fishers (none after the last task); evaluations: initial + after each of the 3 tasks
     assert where["after_task"] == [(True, 2)] * 4
-    assert sorted(where["evaluate"]) == [(False, 1)] * 2 + [(True, 2)] * 6  # the initial ones: member threads
+    assert where["evaluate"] == [(True, 2)] * 8
     assert where["fused"] == [True] * 3
     for i, m in enumerate(members):
         assert m.error is None, m.error

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-SCENARIOS = ("task", "domain", "class")
-ACTIVE_UNITS = ("seen", "all")  # class-IL: the seen-class mask, or the whole head from the start
+from cl_runner.schema import ACTIVE_UNITS, SCENARIOS  # noqa: E402  (re-exported)
 
 
 @dataclass

@@ -31,8 +31,8 @@ def method_from_config(node: Any, strength: float | None) -> Method:
     if not make.func.uses_strength:
         if strength:
             raise ValueError(
-                f"lambda={strength:g} given, but method={name} has no regularization strength; "
-                "drop lambda= or choose a regularized method (l2, ewc, online_ewc, mas, si, rwalk, scp)"
+                f"lambda={strength:g} given, but method={name} has no regularization strength "
+                "(its config's lambda is null); drop lambda= or choose a method whose config sets a lambda"
             )
         strength = 0.0
     return make(strength=float(strength or 0.0))

@@ -1,54 +1,41 @@
 """Sweep summaries (README, "Sweeps: look at your sweep"): summary.csv, summary.md, summary_grouped.csv,
 tradeoff.png and the TensorBoard run ``summary``, and the same tables in the terminal.
 
-Everything is read back from the job folders and the sweep's ``multirun.yaml``, never from the
-launcher's return values, so the summary is the same under every launcher and ``cl-run-summary``
-rebuilds it for a finished, partial or interrupted sweep. ``missing`` = a job with no metrics.json,
-including jobs of ``multirun.yaml`` that have no folder at all.
-
-Grouping: a setting is every identifying value of a job (:data:`cl_runner.schema.IDENTITY`) except
-its seed, plus the method's options and any other command-line override (e.g. ``epochs=5``). Means
-and sample standard deviations (n − 1) are over the jobs with status ok only. Intransigence: each ok
-job against the ok ``method=joint`` (cumulative) job of the same setting but method, λ and options.
+The rows come from the job folders (:mod:`cl_runner.report.rows`), never from the launcher's return
+values, so the summary is the same under every launcher and ``cl-run-summary`` rebuilds it for a
+finished, partial or interrupted sweep. A sweep folder may come from elsewhere: its texts are printed
+without rich markup.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import math
-import re
-import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
 
-from cl_runner.identity import job_dirname, parse_overrides, sweep_jobs, varying_keys
-from cl_runner.runfiles import write_atomic
-from cl_runner.schema import (
-    IDENTITY,
-    METRICS,
-    OPTIONAL_METRICS,
-    SETTINGS,
-    STATUSES,
-    TITLES,
-    identity,
-    md_table,
-    pct,
-    pct_pm,
-    plain,
+from cl_runner.report.rows import (  # noqa: F401  (the rows' API, also as this module's)
+    GROUP_FIELDS,
+    add_intransigence,
+    collect,
+    group,
+    has_repeats,
+    job_dirs,
+    mean_std,
+    metrics_shown,
+    options_text,
+    sweep_status,
+    swept_keys,
+    swept_value,
 )
+from cl_runner.runfiles import write_atomic
+from cl_runner.schema import IDENTITY, SETTINGS, STATUSES, TITLES, md_table, pct, pct_pm, plain, printable
 
-GROUP_FIELDS = (*(k for k in IDENTITY if k != "seed"), "method_options", "other")
-# Overrides already represented by an identifying field, or that do not change the result, are left
-# out of the "other" part of a setting.
-_COVERED = set(IDENTITY) | {"data_dir", "device", "download", "threads", "log_every"}
 _WHY = {
     "missing": "no metrics.json (never started, killed, or still running)",
     "interrupted": "interrupted; run the same command again to resume",
@@ -57,249 +44,6 @@ _WHY = {
 }
 
 
-# ----------------------------------------------------------------------------- collect
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    found = {p.parent for p in sweep_dir.rglob("metrics.json")}
-    found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
-    # submitit keeps its pickles and logs under .submitit/: never job folders
-    found = {d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts and d != sweep_dir}
-    return sorted(found, key=lambda d: (_job_num(d.name), str(d.relative_to(sweep_dir))))
-
-
-def _job_num(name: str) -> float:
-    m = re.match(r"(\d+)_|(\d+)$", name)
-    return float(m.group(1) or m.group(2)) if m else math.inf
-
-
-def _read_overrides(job: Path) -> list[str]:
-    path = job / ".hydra" / "overrides.yaml"
-    with contextlib.suppress(Exception):
-        return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]
-    # no .hydra: the folder name is "<num>_<overrides>" (a best effort: values with commas split)
-    m = re.match(r"\d+_(.*)$", job.name)
-    return [o for o in m.group(1).split(",") if "=" in o] if m else []
-
-
-def _override_map(overrides: Iterable[str]) -> dict[str, str]:
-    """key → value text of a job's overrides (``+``/``~`` prefixes dropped)."""
-    return {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
-
-
-def _identity_from_config(job: Path | None, overrides: list[str]) -> dict[str, Any]:
-    """Identifying fields of a job without metrics.json: .hydra/config.yaml, else the overrides."""
-    ident: dict[str, Any] = {}
-    if job is not None and (job / ".hydra" / "config.yaml").is_file():
-        with contextlib.suppress(Exception):
-            ident = identity(OmegaConf.load(job / ".hydra" / "config.yaml"))
-    try:  # fill what config.yaml did not give, with the values typed as Hydra types them
-        for o in parse_overrides(overrides):
-            if o.key_or_group in IDENTITY and ident.get(o.key_or_group) is None:
-                ident[o.key_or_group] = o.value()
-    except Exception:  # noqa: BLE001 - overrides guessed from a folder name may not parse
-        pass
-    return ident
-
-
-def _number(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _fill(row: dict[str, Any], data: dict[str, Any] | None, job: Path | None = None) -> None:
-    """A row's fields from metrics.json's ``data``; without it, the identity from the job's config."""
-    ident = data if data is not None else _identity_from_config(job, row["overrides"])
-    row.update({k: ident.get(k) for k in IDENTITY}, method_options=ident.get("method_options") or {})
-    data = data or {}
-    row.update({k: _number(data.get(k)) for k in (*METRICS, "wall_time_s")})
-    row.update(accuracy_matrix=data.get("accuracy_matrix"), metric_notes=data.get("metric_notes"))
-
-
-def collect(sweep_dir: str | Path, joint_dirs: Iterable[str | Path] = ()) -> list[dict[str, Any]]:
-    """One row per job: every folder below ``sweep_dir`` holding ``.hydra/`` or ``metrics.json``, and
-    a ``missing`` row per job of ``multirun.yaml`` without one (matched by its overrides). Fields: num,
-    job (its folder, relative), status (unreadable metrics.json: failed), the identity fields, the
-    metrics and intransigence (fractions), wall_time_s, method_options, overrides, accuracy_matrix,
-    metric_notes, error. Without a readable metrics.json the identity comes from
-    ``.hydra/config.yaml``, else the overrides. ``joint_dirs``: more intransigence references."""
-    sweep_dir = Path(sweep_dir)
-    rows = []
-    for job in _job_dirs(sweep_dir):
-        overrides = _read_overrides(job)
-        num = _job_num(job.name)
-        row: dict[str, Any] = {
-            "num": int(num) if num != math.inf else None,
-            "job": str(job.relative_to(sweep_dir)),
-            "overrides": overrides,
-        }
-        data = None
-        metrics_path = job / "metrics.json"
-        if metrics_path.is_file():
-            try:
-                data = json.loads(metrics_path.read_text())
-            except (OSError, ValueError) as e:
-                row["error"] = f"unreadable metrics.json: {_one_line(e)}"
-        if isinstance(data, dict):
-            status = data.get("status")
-            row["status"] = status if status in STATUSES and status != "missing" else "failed"
-            row["error"] = data.get("error") or (
-                None if status in STATUSES else f"unknown status {status!r} in metrics.json"
-            )
-            _fill(row, data)
-        else:
-            row["status"] = "failed" if metrics_path.is_file() else "missing"
-            row.setdefault("error", "unreadable metrics.json" if row["status"] == "failed" else None)
-            _fill(row, None, job)
-        rows.append(row)
-    rows += _never_started(sweep_dir, rows)
-    rows.sort(key=lambda r: (math.inf if r["num"] is None else r["num"], r["job"]))
-    references = [r for d in joint_dirs for r in collect(d)] if joint_dirs else []
-    add_intransigence(rows, references)
-    return rows
-
-
-def _never_started(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``missing`` rows for the jobs of multirun.yaml that have no folder."""
-    jobs = sweep_jobs(sweep_dir / "multirun.yaml")
-    if not jobs:
-        return []
-    have = {tuple(sorted(r["overrides"])) for r in rows}
-    exclude = _excluded_keys(sweep_dir / "multirun.yaml")
-    varying = varying_keys(jobs) - exclude
-    out = []
-    for num, overrides in enumerate(jobs):
-        if tuple(sorted(overrides)) in have:
-            continue
-        row = {"num": num, "job": job_dirname(num, overrides, varying, exclude), "overrides": overrides}
-        row.update(status="missing", error="never started (no job folder)")
-        _fill(row, None)
-        out.append(row)
-    return out
-
-
-def _excluded_keys(multirun_yaml: Path) -> set[str]:
-    with contextlib.suppress(Exception):
-        return set(
-            OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.job.config.override_dirname.exclude_keys") or []
-        )
-    return set()
-
-
-# ----------------------------------------------------------------------------- intransigence
-def _reference_key(row: dict[str, Any]) -> tuple:
-    """The job's setting but the method, λ and method options: what its joint reference shares."""
-    return (*(plain(row.get(k)) for k in IDENTITY if k not in ("method", "lambda")), _other_overrides(row))
-
-
-def _is_joint_reference(row: dict[str, Any]) -> bool:
-    return (
-        row.get("method") == "joint"
-        and (row.get("method_options") or {}).get("mode") == "cumulative"
-        and row.get("status") == "ok"
-        and bool(row.get("accuracy_matrix"))
-    )
-
-
-def add_intransigence(rows: list[dict[str, Any]], references: Iterable[dict[str, Any]] = ()) -> None:
-    """Set ``row["intransigence"]`` (fraction) for every ok row that has a joint reference among
-    ``rows`` or ``references`` (see the module docstring), else None."""
-    from cl_runner.metrics import intransigence
-
-    refs = {}
-    for r in [*references, *rows]:
-        if _is_joint_reference(r):
-            refs.setdefault(_reference_key(r), r)
-    for r in rows:
-        r["intransigence"] = None
-        ref = refs.get(_reference_key(r))
-        if ref is None or r.get("status") != "ok" or not r.get("accuracy_matrix"):
-            continue
-        try:
-            r["intransigence"] = intransigence(r["accuracy_matrix"], ref["accuracy_matrix"])
-        except (ValueError, TypeError, IndexError):
-            pass
-
-
-def _metrics_shown(rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    return METRICS + tuple(m for m in OPTIONAL_METRICS if any(r.get(m) is not None for r in rows))
-
-
-# ----------------------------------------------------------------------------- grouping
-def _other_overrides(row: dict[str, Any]) -> str:
-    def other(o: str) -> bool:
-        key = o.lstrip("+~").partition("=")[0]
-        return not (key in _COVERED or key.startswith(("method.", "hydra.")) or key == "hydra")
-
-    return ",".join(sorted(filter(other, row.get("overrides") or [])))
-
-
-def _options_text(options: Any) -> str:
-    return json.dumps(options or {}, sort_keys=True, default=str)
-
-
-def _group_key(row: dict[str, Any]) -> tuple:
-    fields = (plain(row.get(k)) if k == "lambda" else row.get(k) for k in GROUP_FIELDS[:-2])
-    return (*fields, _options_text(row.get("method_options")), _other_overrides(row))
-
-
-def _mean_std(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[float | None, float | None]:
-    """Mean and sample std of ``key`` over ``rows`` (None/NaN left out); None where undefined."""
-    vals = [scale * r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
-    return statistics.fmean(vals) if vals else None, statistics.stdev(vals) if len(vals) > 1 else None
-
-
-def group(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of one setting (all identifying values but the seed) merged: n_ok, n_jobs, seeds,
-    members, and ``<metric>_mean`` / ``<metric>_std`` over the ok jobs (sample std, None when
-    n_ok < 2)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(_group_key(r), []).append(r)
-    out = []
-    for key, members in groups.items():
-        ok = [r for r in members if r.get("status") == "ok"]
-        g: dict[str, Any] = dict(zip(GROUP_FIELDS, key, strict=True))
-        g["lambda"] = members[0].get("lambda")
-        g["method_options"] = members[0].get("method_options") or {}
-        g["overrides"] = members[0].get("overrides") or []
-        g["members"] = members
-        g["n_jobs"] = len(members)
-        g["n_ok"] = len(ok)
-        g["seeds"] = sorted({r.get("seed") for r in members if r.get("seed") is not None}, key=str)
-        for m in (*METRICS, *OPTIONAL_METRICS, "wall_time_s"):
-            g[f"{m}_mean"], g[f"{m}_std"] = _mean_std(ok, m)
-        out.append(g)
-    return out
-
-
-def has_repeats(rows: Iterable[dict[str, Any]]) -> bool:
-    """True when some setting was run with more than one seed."""
-    return any(len(g["seeds"]) > 1 or g["n_jobs"] > 1 for g in group(rows))
-
-
-def sweep_status(rows: Iterable[dict[str, Any]]) -> int:
-    """The exit code of a sweep: 0 when every job is ok, 1 otherwise (also for no jobs at all)."""
-    rows = list(rows)
-    return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1
-
-
-# ----------------------------------------------------------------------------- swept keys
-def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Override keys whose value differs between the jobs (or that only some jobs set), other than
-    the identifying fields, which have columns of their own, and keys that do not change results."""
-    maps = [_override_map(r.get("overrides") or []) for r in rows]
-    keys = sorted({k for m in maps for k in m} - _COVERED - {"hydra"})
-    return [k for k in keys if not k.startswith(("hydra.", "hydra/")) and len({m.get(k) for m in maps}) > 1]
-
-
-def _swept_value(item: dict[str, Any], key: str) -> str:
-    return _override_map(item.get("overrides") or []).get(key, "")
-
-
-# ----------------------------------------------------------------------------- formatting
 def _secs(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
@@ -313,7 +57,7 @@ def _setting_columns(items: list[dict[str, Any]], keys: list[str]) -> list[tuple
     fields = [("method", "method"), ("λ", "lambda"), ("benchmark", "benchmark"), ("scenario", "scenario")]
     fields += [(k, k) for k in SETTINGS if _varying(items, k)]
     cols = [(title, lambda r, k=k: plain(r.get(k))) for title, k in fields]
-    return cols + [(key, lambda r, k=key: _swept_value(r, k)) for key in keys]
+    return cols + [(key, lambda r, k=key: swept_value(r, k)) for key in keys]
 
 
 def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tuple[str, Any]]:
@@ -321,7 +65,7 @@ def _job_columns(rows: list[dict[str, Any]], with_job: bool = True) -> list[tupl
     time and status; the job folder name only in the markdown (the terminal is narrow)."""
     cols = [("#", lambda r: plain(r.get("num")))] + ([("job", lambda r: r["job"])] if with_job else [])
     cols += _setting_columns(rows, swept_keys(rows)) + [("seed", lambda r: plain(r.get("seed")))]
-    cols += [(f"{TITLES[m]} %", lambda r, k=m: pct(r.get(k))) for m in _metrics_shown(rows)]
+    cols += [(f"{TITLES[m]} %", lambda r, k=m: pct(r.get(k))) for m in metrics_shown(rows)]
     return cols + [("time s", lambda r: _secs(r.get("wall_time_s"))), ("status", lambda r: r.get("status", ""))]
 
 
@@ -330,12 +74,12 @@ def _group_columns(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     cols = _setting_columns(groups, keys)
     by_method: dict[Any, set[str]] = {}
     for g in groups:
-        by_method.setdefault(g.get("method"), set()).add(_options_text(g.get("method_options")))
+        by_method.setdefault(g.get("method"), set()).add(options_text(g.get("method_options")))
     # one method run with different options that no swept column explains (e.g. a preset's)
     if any(len(v) > 1 for v in by_method.values()) and not any(k.startswith("method.") for k in keys):
-        cols.append(("options", lambda g: _options_text(g.get("method_options"))))
+        cols.append(("options", lambda g: options_text(g.get("method_options"))))
     cols.append(("ok / jobs", lambda g: f"{g['n_ok']} / {g['n_jobs']}"))
-    for m in _metrics_shown(rows):
+    for m in metrics_shown(rows):
         cols.append((f"{TITLES[m]} %", lambda g, k=m: pct_pm(g[f"{k}_mean"], g[f"{k}_std"])))
     cols.append(("time s", lambda g: _secs(g["wall_time_s_mean"])))
     return cols
@@ -375,7 +119,7 @@ def _csv(fields: list[str], items: list[dict[str, Any]], keys: list[str], percen
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(fields)
     for it in items:
-        values = {**it, **{k: _swept_value(it, k) for k in keys}}
+        values = {**it, **{k: swept_value(it, k) for k in keys}}
         values |= {col: None if it.get(f) is None else 100.0 * it[f] for col, f in percent.items()}
         cells = [values.get(f) for f in fields]
         w.writerow(
@@ -393,14 +137,14 @@ def _csv(fields: list[str], items: list[dict[str, Any]], keys: list[str], percen
 
 def _job_csv(rows: list[dict[str, Any]]) -> str:
     """summary.csv: metrics as ``<metric>_pct`` (percent, full precision)."""
-    keys, pcts = swept_keys(rows), {f"{m}_pct": m for m in _metrics_shown(rows)}
+    keys, pcts = swept_keys(rows), {f"{m}_pct": m for m in metrics_shown(rows)}
     fields = ["num", "job", "status", *IDENTITY, *keys, *pcts, "wall_time_s", "method_options", "overrides", "error"]
     return _csv(fields, rows, keys, pcts)
 
 
 def _grouped_csv(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     keys = [k for k in swept_keys(rows) if k != "seed"]
-    pcts = {f"{m}_pct_{s}": f"{m}_{s}" for m in _metrics_shown(rows) for s in ("mean", "std")}
+    pcts = {f"{m}_pct_{s}": f"{m}_{s}" for m in metrics_shown(rows) for s in ("mean", "std")}
     fields = [*GROUP_FIELDS, *keys, "n_jobs", "n_ok", "seeds", *pcts, "wall_time_s_mean", "wall_time_s_std"]
     return _csv(fields, groups, keys, pcts)
 
@@ -414,7 +158,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]], figure: boo
     write_atomic(csv_path, _job_csv(rows))
 
     metrics_text = "ACC, BWT, FWT, forgetting, LA = learning accuracy"
-    if "intransigence" in _metrics_shown(rows):
+    if "intransigence" in metrics_shown(rows):
         metrics_text += ", intransigence against the joint (cumulative) job of the same seed and settings"
     md = [f"# Sweep summary: {sweep_dir.name}", "", f"{_counts(rows)}. Metrics in % ({metrics_text}).", ""]
     md.append(_md_table(_job_columns(rows), rows))
@@ -471,11 +215,11 @@ def tradeoff_data(rows: list[dict[str, Any]]) -> tuple[dict, dict, int] | None:
     extras = [e for e in ("benchmark", "scenario", *SETTINGS) if _varying(ok, e)]
 
     def label(r: dict[str, Any]) -> str:
-        swept = [f"{k}={_swept_value(r, k)}" for k in keys if _swept_value(r, k)]
+        swept = [f"{k}={swept_value(r, k)}" for k in keys if swept_value(r, k)]
         return " ".join([str(r.get("method"))] + [str(r.get(e)) for e in extras] + swept)
 
     def stats(members: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-        pairs = {m: _mean_std(members, m, 100.0) for m in ("acc", "bwt", "learning_accuracy")}
+        pairs = {m: mean_std(members, m, 100.0) for m in ("acc", "bwt", "learning_accuracy")}
         return {m: (mean, std or 0.0) for m, (mean, std) in pairs.items() if mean is not None}
 
     by_lambda: dict[str, dict[float, list]] = {}
@@ -525,31 +269,38 @@ def _write_tensorboard(sweep_dir: Path, fig, markdown: str) -> None:
 
 
 def print_summary(rows: list[dict[str, Any]], console=None, title: str = "Sweep summary") -> None:
-    """The per-job table (and the mean ± std table when some setting has several seeds) with rich."""
+    """The per-job table (and the mean ± std table when some setting has several seeds) with rich.
+    Every cell, header and error line is a ``rich.text.Text`` of :func:`printable` text: errors,
+    overrides, job and folder names come from files and are printed as they are, never read as rich
+    markup (``[/red]`` in an error text raised, and a sweep lost its exit status) or as terminal
+    control sequences."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if console is None:
-        console = Console()
+        console = Console(markup=False, highlight=False)
         if not console.is_terminal:  # pipes and logs: rich would squeeze the tables into 80 columns
-            console = Console(width=160)
+            console = Console(width=160, markup=False, highlight=False)
     style = {"ok": "green", "failed": "bold red", "diverged": "bold red"}  # other statuses: yellow
 
     def table(title: str, cols: list[tuple[str, Any]], items: list[dict[str, Any]]) -> Table:
-        t = Table(title=title)
+        t = Table(title=Text(printable(title)))
         for name, _ in cols:
             right = name.endswith("%") or name in ("#", "seed", "λ", "time s", "ok / jobs")
-            t.add_column(name, justify="right" if right else "left")
+            t.add_column(Text(printable(name)), justify="right" if right else "left")
         for it in items:
-            t.add_row(*[f(it) for _, f in cols])
+            t.add_row(*[c if isinstance(c, Text) else Text(printable(c)) for c in (f(it) for _, f in cols)])
         return t
 
+    def status_cell(r: dict[str, Any]) -> Text:
+        return Text(printable(r.get("status", "")), style=style.get(r.get("status"), "yellow"))
+
     cols = _job_columns(rows, with_job=False)
-    status = ("status", lambda r: f"[{style.get(r.get('status'), 'yellow')}]{r.get('status', '')}[/]")
-    console.print(table(f"{title}: {_counts(rows)}", [*cols[:-1], status], rows))
+    console.print(table(f"{title}: {_counts(rows)}", [*cols[:-1], ("status", status_cell)], rows))
     for r in rows:
         if r.get("status") != "ok" and r.get("error"):
-            console.print(f"[red]{r['job']}[/]: {r['error']}", markup=True, highlight=False)
+            console.print(Text.assemble((printable(r["job"]), "red"), ": ", printable(r["error"])), highlight=False)
     if has_repeats(rows):
         groups = group(rows)
         console.print(table("Mean ± std over seeds (ok jobs; sample std)", _group_columns(groups, rows), groups))
@@ -561,37 +312,39 @@ def summarize(
     """collect → write_summary → print_summary; the last lines printed name the summary's path."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir, joint_dirs)
-    csv_path, md_path = write_summary(sweep_dir, rows, figure=figure)
+    report(sweep_dir, rows, console, quiet, figure)
+    return rows
+
+
+def report(sweep_dir: Path, rows: list[dict[str, Any]], console=None, quiet: bool = False, figure: bool = True) -> None:
+    """write_summary, then (unless ``quiet``) print_summary and the summary's path."""
+    _, md_path = write_summary(sweep_dir, rows, figure=figure)
     if not quiet:
         print_summary(rows, console)
         also = ["summary.csv"] + [p for p in ("summary_grouped.csv", "tradeoff.png") if (sweep_dir / p).exists()]
         print(f"summary: {md_path.resolve()} (also {', '.join(also)})")
         print(f"  tensorboard --logdir {sweep_dir.resolve()}")
-    return rows
-
-
-# The rows of the last summary the callback built in this process (None: none built), so that
-# ``cl-run`` can end a multirun with ``sys.exit(sweep_status(LAST_ROWS))``.
-LAST_ROWS: list[dict[str, Any]] | None = None
 
 
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, summarize ``hydra.sweep.dir`` from the files on
     disk (works for any launcher). Never raises: a broken summary must not hide the results. The
-    rows are kept in ``self.rows`` and the module's ``LAST_ROWS`` (for the multirun's exit code,
-    :func:`sweep_status`)."""
+    rows are kept in ``self.rows`` as soon as they are collected, before anything is written or
+    printed. (cl-run's exit code for a multirun is :func:`sweep_status` of the job folders, read by
+    ``cl_runner.app.main`` once the sweep has ended: a summary that cannot be written or printed never
+    changes it.)"""
 
     rows: list[dict[str, Any]] | None = None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        global LAST_ROWS
-        LAST_ROWS = None
+        self.rows = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if not sweep_dir.is_dir():
                 print(f"summary: sweep directory {sweep_dir} does not exist; nothing to summarize", file=sys.stderr)
                 return
-            self.rows = LAST_ROWS = summarize(sweep_dir)
+            self.rows = collect(sweep_dir)
+            report(sweep_dir, self.rows)
         except Exception as e:  # noqa: BLE001 - report in one line and let Hydra finish normally
             print(f"summary: could not summarize the sweep: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
 
@@ -601,13 +354,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def is_sweep_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "multirun.yaml").is_file() or bool(_job_dirs(path)))
+    return path.is_dir() and ((path / "multirun.yaml").is_file() or bool(job_dirs(path)))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``cl-run-summary SWEEP_DIR [--joint DIR] [--quiet]``: rebuild and print the summary of a
-    finished, partial or interrupted sweep. Exit code 0 when every job is ok, 1 otherwise, 2 when
-    SWEEP_DIR is not a sweep folder."""
+    finished, partial or interrupted sweep (also one from elsewhere: its files are read, never
+    evaluated, and its texts printed as they are). Exit code 0 when every job is ok, 1 otherwise (or
+    when the summary cannot be written), 2 when SWEEP_DIR is not a sweep folder."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -632,7 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             detail = " (no multirun.yaml and no job folders with .hydra/ or metrics.json)" if path.is_dir() else ""
             print(f"error: {key} {path} is not {no}{detail}", file=sys.stderr)
             return 2
-    rows = summarize(args.sweep_dir, quiet=args.quiet, joint_dirs=args.joint)
+    try:
+        rows = collect(args.sweep_dir, args.joint)
+        report(Path(args.sweep_dir), rows, quiet=args.quiet)
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: could not summarize {args.sweep_dir}: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
     return sweep_status(rows)
 
 

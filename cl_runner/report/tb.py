@@ -157,6 +157,24 @@ def accuracy_curves(
 _TRADEOFF_PANELS = (("acc", "ACC (%)"), ("bwt", "BWT (%)"), ("learning_accuracy", "learning accuracy (%)"))
 
 
+def _lambda_axes(axes: Sequence[Any], lams: list[float]) -> None:
+    """λ axes, logarithmic; ``symlog`` when λ = 0 is among the values (linear between 0 and the
+    smallest positive λ), so 0 sits at the left edge instead of being dropped."""
+    positive = [x for x in lams if x > 0]
+    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS, strict=True):
+        if 0.0 in lams and positive:
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
+            ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
+        elif positive:
+            ax.set_xscale("log")
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams], fontsize=9)  # exactly the swept values
+        ax.minorticks_off()
+        ax.set_xlabel("λ (log scale" + (", 0 at the left)" if 0.0 in lams and positive else ")"))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+
+
 def tradeoff_figure(
     series: Mapping[str, Sequence[tuple[float, Mapping[str, tuple[float, float]]]]],
     references: Mapping[str, Mapping[str, tuple[float, float]]],
@@ -174,7 +192,6 @@ def tradeoff_figure(
     import matplotlib
 
     lams = sorted({lam for points in series.values() for lam, _ in points})
-    positive = [x for x in lams if x > 0]
     fig = _figure(4.6, 10.0) if vertical else _figure(13.5, 4.4)
     axes = fig.subplots(3, 1) if vertical else fig.subplots(1, 3)
     colours = matplotlib.colormaps["tab10"]
@@ -198,18 +215,7 @@ def tradeoff_figure(
                 ax.axhline(mean, color=colour, linestyle="--", linewidth=1.4, label=f"{label} (no λ)")
                 if n_seeds > 1 and std > 0:
                     ax.axhspan(mean - std, mean + std, color=colour, alpha=0.10, linewidth=0)
-    for ax, (_, title) in zip(axes, _TRADEOFF_PANELS, strict=True):
-        if 0.0 in lams and positive:
-            ax.set_xscale("symlog", linthresh=positive[0], linscale=1.0)
-            ax.set_xlim(-0.25 * positive[0], positive[-1] * 1.6)
-        elif positive:
-            ax.set_xscale("log")
-        ax.set_xticks(lams, [f"{lam:g}" for lam in lams], fontsize=9)  # exactly the swept values
-        ax.minorticks_off()
-        ax.set_xlabel("λ (log scale" + (", 0 at the left)" if 0.0 in lams and positive else ")"))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+    _lambda_axes(axes, lams)
     handles, labels = axes[0].get_legend_handles_labels()
     per_row = 2 if vertical else 4
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=9, frameon=False)
@@ -343,9 +349,14 @@ class TensorBoardLogger(TrainerEvents):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        # purge_step (a resumed run: the optimizer step of its checkpoint) hides the events an earlier,
-        # interrupted attempt wrote from that step on, so curves are not drawn twice
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        # purge_step (a resumed run: the optimizer step of its checkpoint + 1) hides the events an
+        # earlier, interrupted attempt wrote after its checkpoint, so curves are not drawn twice
+        self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        # events are held until commit() (at each checkpoint, and at the end): after a kill -9 the event
+        # files hold exactly what the checkpoint holds. (Handed to the writer at once, events reached the
+        # files whenever its queue or file buffer filled: a task's first loss, logged at the step of the
+        # checkpoint before it, then survived a kill -9 after that task and appeared twice on resume.)
+        self.writer = _Held(self._writer)
         self.log_every = max(1, int(log_every))
         self.trial = trial or f"{self.log_dir.name} ({self.log_dir.parent.name})"
         self.step = max(0, (purge_step or 1) - 1)  # optimizer steps taken so far
@@ -404,5 +415,32 @@ class TensorBoardLogger(TrainerEvents):
     def failed(self, hparams: dict[str, Any], status: str = "failed") -> None:
         self._hparams(hparams, {}, status)
 
+    def commit(self) -> None:
+        """Hand the held events to the event file and flush it (before a checkpoint is saved)."""
+        self.writer.commit()
+        self._writer.flush()
+
     def close(self) -> None:
-        self.writer.close()
+        self.writer.commit()
+        self._writer.close()
+
+
+class _Held:
+    """A SummaryWriter's ``add_*`` calls, held until :meth:`commit` replays them in order."""
+
+    def __init__(self, writer: Any):
+        self._target, self._calls = writer, []
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("add_"):
+            return getattr(self._target, name)
+
+        def held(*args: Any, **kwargs: Any) -> None:
+            self._calls.append((name, args, kwargs))
+
+        return held
+
+    def commit(self) -> None:
+        calls, self._calls = self._calls, []
+        for name, args, kwargs in calls:
+            getattr(self._target, name)(*args, **kwargs)

@@ -5,7 +5,11 @@ In the ``cl-run`` process (:meth:`ClRunnerSlurmLauncher.launch`):
 - sbatch's rejection (bad partition, gres, account, too many CPUs) → one ``error:`` line naming the
   ``hydra.launcher.*`` key and Slurm's message, exit 2; so is an array pending for a reason that never
   resolves (``PartitionConfig``…), after cancelling it;
-- the job array's id is printed at submission; the array is named ``cl-run:<method>:<swept keys>``;
+- the job array's id is printed at submission; the array is named ``cl-run:<method>:<swept keys>``
+  (a name is made of a safe character set, at most 80 characters: ``cl_runner.slurm.safe_name``; it is
+  a line of the sbatch script); a launcher setting whose text would break out of its ``#SBATCH``
+  line (a line break in ``partition``, in ``hydra.sweep.dir``…) is refused with one ``error:`` line,
+  exit 2, before anything is submitted (``cl_runner.slurm.script_problem``);
 - it waits for every job however it ends (one ``squeue`` and one ``sacct`` per poll) and records
   ``cancelled`` / ``timeout`` / ``failed`` in the folders of jobs that did not write a final status
   themselves (``cl_runner.slurm.outcome``), so the summary always has one row per job; Ctrl-C cancels
@@ -118,7 +122,8 @@ if SlurmLauncher is not None:
     @dataclass
     class ClRunnerSlurmConf(SlurmQueueConf):
         _target_: str = "hydra_plugins.cl_runner_launcher.slurm_launcher.ClRunnerSlurmLauncher"
-        # "cl-run": cl-run:<method>:<overrides> per job; anything else is used as it is
+        # "cl-run": cl-run:<method>:<overrides> per job; anything else is used as it is, in the same
+        # safe character set as those ([A-Za-z0-9._:=,+@-], others become _; at most 80 characters)
         name: str = "cl-run"
         # seconds between two looks at the jobs' states (sacct, squeue)
         poll_s: float = 10.0
@@ -140,7 +145,7 @@ if SlurmLauncher is not None:
 
             slurm.job_signals()
             if self.params.get("name") == "cl-run":
-                name = _job_name(sweep_overrides, self.config)
+                name = _job_name(sweep_overrides, self.config)  # a safe character set (argv: no shell either)
                 subprocess.run(
                     ["scontrol", "update", f"JobId={submitit.JobEnvironment().job_id}", f"JobName={name}"],
                     capture_output=True,
@@ -177,11 +182,7 @@ if SlurmLauncher is not None:
             from cl_runner import slurm
 
             jobs_cfg = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-            params = dict(self.params)
-            if params.get("mem_gb") is None:
-                params["mem_gb"] = slurm.default_mem_gb(c.benchmark.name for c, _ in jobs_cfg)
-            if params.get("name") == "cl-run":
-                params["name"] = _job_name(OmegaConf.to_container(self.config.hydra.overrides.task), self.config)
+            params = self._params(jobs_cfg)
             executor = submitit.AutoExecutor(
                 folder=params.pop("submitit_folder"),
                 cluster="slurm",
@@ -215,14 +216,7 @@ if SlurmLauncher is not None:
                 subprocess.run(["scancel", array_id], check=False, timeout=60)
                 states = self._wait(array_id, [j.job_id for j in jobs], params, limit_s=60)
                 self._record(jobs, jobs_cfg, states, params)
-                try:  # Hydra's end-of-sweep callback does not run after Ctrl-C: the summary is written here
-                    from cl_runner.report.summary import summarize
-
-                    summarize(sweep_dir, quiet=True)
-                    print(f"summary: {sweep_dir}/summary.md", file=sys.stderr)
-                except Exception as e:  # noqa: BLE001 - never hide the interruption
-                    print(f"summary: could not summarize the sweep: {e}", file=sys.stderr)
-                raise
+                raise  # cl-run writes the summary of an interrupted sweep (cl_runner.app.main)
             self._record(jobs, jobs_cfg, states, params)
             return [
                 JobReturn(
@@ -236,6 +230,24 @@ if SlurmLauncher is not None:
                 )
                 for o, (c, d) in zip(job_overrides, jobs_cfg, strict=True)
             ]
+
+        def _params(self, jobs_cfg: list) -> dict[str, Any]:
+            """The launcher's settings for this sweep: memory from the benchmarks when not given, the
+            array's name from a safe character set; one ``error:`` line for a setting that would break
+            out of its line of the job script."""
+            from cl_runner import slurm
+
+            params = dict(self.params)
+            if params.get("mem_gb") is None:
+                params["mem_gb"] = slurm.default_mem_gb(c.benchmark.name for c, _ in jobs_cfg)
+            if params.get("name") == "cl-run":
+                params["name"] = _job_name(OmegaConf.to_container(self.config.hydra.overrides.task), self.config)
+            else:  # the user's own name: the same safe character set (it is a line of the job script)
+                params["name"] = slurm.safe_name(params.get("name") or "cl-run")
+            problem = slurm.script_problem(params)
+            if problem:
+                _fail(problem)
+            return params
 
         def _wait(self, array_id: str, ids: list[str], params: dict, limit_s: float | None = None) -> dict:
             """Poll until no job of the array is in the queue (squeue); report progress when it changes;
@@ -290,13 +302,13 @@ if SlurmLauncher is not None:
 
         def _record(self, jobs, jobs_cfg, states: dict[str, str], params: dict) -> None:
             """Record cancelled / timeout / failed in the folders of jobs that did not end with a final status."""
-            from cl_runner import slurm
+            from cl_runner import record, slurm
 
             for job, (cfg, out_dir) in zip(jobs, jobs_cfg, strict=True):
                 if job.job_id not in states or first_word(states[job.job_id] or "") in _LIVE:
                     continue  # still in the queue (Ctrl-C and a slow scancel) or not yet in the accounts
                 state = states[job.job_id]
-                status = slurm.outcome(state, (slurm.read_metrics(out_dir) or {}).get("status"))
+                status = slurm.outcome(state, (record.read(out_dir) or {}).get("status"))
                 if status is None:
                     continue  # the run wrote a final status itself
                 message = slurm.outcome_message(

@@ -18,6 +18,7 @@ in stackable keys train together as one stacked model in this process (``cl_runn
 
 # no `from __future__ import annotations`: Hydra executes this module before it is in sys.modules,
 # and dataclasses then cannot resolve string annotations
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -82,8 +83,6 @@ def why_not_stacked(task_cfg: DictConfig) -> str | None:
         return "the model uses dropout (random masks per member)"
     if task_cfg.get("eval_every", "task") != "task":
         return f"eval_every={task_cfg.get('eval_every')} (the group evaluates after each task only)"
-    if task_cfg.get("clip_grad_norm") is not None:
-        return "clip_grad_norm is set (the stacked step has no per-member clipping yet)"
     return None
 
 
@@ -111,7 +110,7 @@ class VectorizedLauncher(Launcher):
 
     def _one_after_another(self, task_cfg: DictConfig) -> bool:
         """forward=loop, or auto on a CPU (auto = vmap on a GPU)."""
-        from cl_runner.app import resolve_device
+        from cl_runner.checks import resolve_device
 
         if self.forward != "auto":
             return self.forward == "loop"
@@ -120,18 +119,51 @@ class VectorizedLauncher(Launcher):
         except ValueError:  # a bad device fails in its own job, with its own error line
             return True
 
-    def _run(self, sweep_config: DictConfig) -> JobReturn:
-        return run_job(
+    def _run(self, sweep_config: DictConfig, **task_options) -> JobReturn:
+        """Hydra's ``run_job`` (the job's folder, ``.hydra/``, its log) with cl-run's task function
+        given ``task_options`` (``parts``: a shared stream cache; ``primed``: open the run only)."""
+        ret = run_job(
             hydra_context=self.hydra_context,
-            task_function=self.task_function,
+            task_function=functools.partial(self.task_function, **task_options),
             config=sweep_config,
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def _group(self, batch: list[int], configs: list[DictConfig], runs: dict[int, JobReturn], cache) -> None:
+        """``forward=vmap``: open every member's run (through run_job), advance them together
+        (cl_runner.stacked.Group), then conclude each as a separate run would."""
+        from cl_runner.app import Job, conclude
+        from cl_runner.run import RunParts
+        from cl_runner.stacked import Group
+
+        group = Group(self.forward, log=log.info)
+        opened: dict[int, tuple[JobReturn, object]] = {}
+        parts = RunParts(build_stream=cache, quiet=True)
+        for i in batch:
+            ret = self._run(configs[i], parts=parts, primed=True)
+            runs[i] = ret
+            if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
+                phases, first = ret.return_value
+                opened[i] = (ret, group.add(phases, first))
+        group.run()
+        interrupted = group.interrupted
+        for i, (ret, member) in opened.items():
+            ret.return_value = member.result
+            if member.error is not None:
+                job = Job(configs[i], Path(ret.working_dir), configs[i].hydra.job.num)
+                try:
+                    conclude(member.error, job)
+                except KeyboardInterrupt:
+                    interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from cl_runner.app import RunParts, using_parts
-        from cl_runner.stacked import Group, stream_cache
+        from cl_runner.run import RunParts
+        from cl_runner.stacked import stream_cache
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -165,38 +197,20 @@ class VectorizedLauncher(Launcher):
             numbers = [initial_job_idx + i for i in batch]
             self.groups.append(numbers)
             jobs = ", ".join(f"#{n}" for n in numbers)
+            cache = stream_cache()
             if self._one_after_another(configs[batch[0]]):
                 # forward=loop: stacking gains nothing when every member runs its own kernels anyway;
                 # the jobs run as the basic launcher would (bitwise its results at any thread count),
                 # building each task stream once
                 log.info(f"vectorized: jobs {jobs} form one group (forward=loop: one after another, one task stream)")
-                with using_parts(RunParts(build_stream=stream_cache())):
-                    for i in batch:
-                        runs[i] = self._run(configs[i])
-                        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+                for i in batch:
+                    runs[i] = self._run(configs[i], parts=RunParts(build_stream=cache))
                 continue
             log.info(f"vectorized: jobs {jobs} train as one stacked group")
-            group = Group(self.forward, log=log.info, threads=configs[batch[0]].get("threads"))
-            members = group.run([lambda c=configs[i]: self._run(c) for i in batch])
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-            interrupted = False
-            for i, m in zip(batch, members, strict=True):
-                if m.error is not None:
-                    if isinstance(m.error, KeyboardInterrupt):
-                        interrupted = True
-                        continue
-                    ret = JobReturn()
-                    ret.status, ret.return_value = JobStatus.FAILED, m.error
-                    ret.cfg, ret.overrides = configs[i], list(job_overrides[i])
-                    runs[i] = ret
-                else:
-                    runs[i] = m.result
-            if interrupted or group.interrupted:
-                raise KeyboardInterrupt
+            self._group(batch, configs, runs, cache)
         for i in sorted(alone):
             log.info(f"vectorized: job #{initial_job_idx + i} runs alone: {alone[i]}")
             runs[i] = self._run(configs[i])
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [runs[i] for i in range(len(job_overrides))]
 
     @staticmethod
