@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from cl_runner.app import run_experiment
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.methods import build_method
 from cl_runner.methods.base import Batch
 from cl_runner.methods.memory import BalancedMemory, ReservoirMemory, water_fill
 from cl_runner.models import build_model
+from cl_runner.run import run_experiment
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
 # the DER table's S-MNIST setting on the offline digits: one 10-unit head trained on all units,
