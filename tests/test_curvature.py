@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cl_runner.methods import curvature
+from cl_runner import curvature
+from cl_runner.curvature import fisher_diagonal
 from cl_runner.methods.base import named_params
-from cl_runner.methods.per_sample import fisher_diagonal
 
 
 def _mlp(bias=True):

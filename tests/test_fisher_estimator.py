@@ -11,8 +11,8 @@ from conftest import defaults
 from test_methods import UNITS, assert_dicts_close, make_model, make_task
 from torch import nn
 
+from cl_runner.curvature import estimators as ps
 from cl_runner.methods import build_method, eval_mode
-from cl_runner.methods import per_sample as ps
 from cl_runner.methods.ewc import EWC
 from cl_runner.methods.online_ewc import OnlineEWC
 

@@ -43,23 +43,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner import curvature
+from cl_runner.curvature import FISHER_ESTIMATORS, FISHER_LABELS, fisher_diagonal, squared_batch_grad
 from cl_runner.data.stream import Task
-from cl_runner.methods import curvature
 from cl_runner.methods.base import eval_mode, named_params
-from cl_runner.methods.per_sample import (
-    FISHER_ESTIMATORS,
-    FISHER_LABELS,
-    choose_subset,
-    fisher_diagonal,
-    squared_batch_grad,
-    task_generator,
-)
-from cl_runner.methods.regularizer import (
-    QuadraticPenalty,
-    check_choice,
-    check_count,
-    snapshot,
-)
+from cl_runner.methods.checks import check_choice, check_count
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 class EWC(QuadraticPenalty):

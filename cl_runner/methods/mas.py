@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner.curvature import mas_importance
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import eval_mode
-from cl_runner.methods.per_sample import choose_subset, mas_importance, task_generator
-from cl_runner.methods.regularizer import QuadraticPenalty, check_bool, check_count, snapshot
+from cl_runner.methods.checks import check_bool, check_count
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 class MAS(QuadraticPenalty):

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_runner import curvature
+from cl_runner.curvature import FISHER_LABELS
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import curvature
 from cl_runner.methods.base import Batch, named_params
-from cl_runner.methods.per_sample import FISHER_LABELS, task_generator
-from cl_runner.methods.regularizer import check_choice, check_count, check_range
+from cl_runner.methods.checks import check_choice, check_count, check_range
 from cl_runner.methods.replay import REPLAY_STREAM, Replay
+from cl_runner.seeding import task_generator
 
 FISHERS = ("diag", "kfac", "dense")
 

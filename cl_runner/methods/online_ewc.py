@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner import curvature
 from cl_runner.data.stream import Task
-from cl_runner.methods import curvature
+from cl_runner.methods.checks import check_bool, check_range
 from cl_runner.methods.ewc import EWC
-from cl_runner.methods.regularizer import check_bool, check_range, snapshot
+from cl_runner.methods.regularizer import snapshot
 
 
 class OnlineEWC(EWC):

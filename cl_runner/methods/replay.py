@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_count
+from cl_runner.methods.checks import check_count
+from cl_runner.seeding import task_generator
 
 #: ``task_generator``'s task id for the memory's generator (one stream of draws for the whole run)
 REPLAY_STREAM = 1 << 20

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import eval_mode, named_params
-from cl_runner.methods.per_sample import choose_subset, task_generator
-from cl_runner.methods.regularizer import QuadraticPenalty, check_count, check_range, snapshot
+from cl_runner.methods.checks import check_count, check_range
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 def random_slices(n_slices: int, k: int, generator: torch.Generator) -> Tensor:

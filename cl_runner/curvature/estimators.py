@@ -28,75 +28,19 @@ CPU, never from the global RNG.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-FISHER_LABELS = ("true", "pred", "sample", "all")
+from cl_runner.curvature.labels import fisher_labels
+from cl_runner.curvature.layers import LayerReused, _layer_table
+from cl_runner.curvature.per_sample import _hook_rows, _single_output, split_state
+from cl_runner.curvature.structures import _unflat
+from cl_runner.models.params import named_params
+
 FISHER_ESTIMATORS = ("per_sample", "squared_batch_grad")
 FAST_LINEAR = True  # use the closed form for Linear-only models (tests switch it off to compare)
 FAST_CHUNK = 1024  # samples per batched backward in the fast path (activations only in memory)
-
-
-def split_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(trainable parameters, everything else: frozen parameters and buffers), all detached."""
-    params, consts = {}, {}
-    for n, p in model.named_parameters():
-        (params if p.requires_grad else consts)[n] = p.detach()
-    for n, b in model.named_buffers():
-        consts[n] = b.detach()
-    return params, consts
-
-
-def _single_output(model: nn.Module, consts: dict[str, Tensor], lo: int, hi: int) -> Callable:
-    """f(params, x) -> the active logits (K,) of one sample x (no batch dimension)."""
-
-    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, (params, consts), (x.unsqueeze(0),))[0, lo:hi]
-
-    return logits
-
-
-@torch.no_grad()
-def _active_logits(model: nn.Module, x: Tensor, lo: int, hi: int, batch: int) -> Tensor:
-    """Batched forward (eval mode is the caller's job), logits of units [lo, hi)."""
-    return torch.cat([model(x[s : s + batch])[:, lo:hi] for s in range(0, len(x), batch)])
-
-
-def choose_subset(n: int, k: int | None, generator: torch.Generator) -> Tensor | None:
-    """Indices of ``k`` of ``n`` samples drawn without replacement, or None for all of them."""
-    if k is None or k >= n:
-        return None
-    return torch.randperm(n, generator=generator)[:k]
-
-
-def fisher_labels(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    units: tuple[int, int],
-    labels: str,
-    generator: torch.Generator | None = None,
-    batch: int = 1024,
-) -> Tensor:
-    """Label (relative to ``lo``) whose log-likelihood gradient enters the Fisher, per sample.
-
-    true: the dataset label ``y - lo`` (empirical Fisher); pred: argmax of the active logits;
-    sample: one draw from the model's softmax over the active units (one multinomial call on the
-    CPU with ``generator``).
-    """
-    lo, hi = units
-    if labels == "true":
-        return y - lo
-    z = _active_logits(model, x, lo, hi, batch)
-    if labels == "pred":
-        return z.argmax(1)
-    if labels == "sample":
-        p = torch.softmax(z.double(), 1).cpu()
-        return torch.multinomial(p, 1, generator=generator).squeeze(1).to(x.device)
-    raise ValueError(f"method.fisher_labels={labels!r} is not valid; choose one of: {', '.join(FISHER_LABELS)}")
 
 
 # ---- closed form for models whose trainable parameters all sit in nn.Linear layers --------------
@@ -215,9 +159,7 @@ def fisher_diagonal(
         fast = _linear_pass(model, x, units, "all" if labels == "all" else "labels", target)
         if fast is not None:
             return {n: f / n_samples for n, f in fast.items()}
-        from cl_runner.methods import curvature  # imported here: curvature imports this module
-
-        layered = curvature.diagonal_by_layers(model, x, units, target, batch)
+        layered = diagonal_by_layers(model, x, units, target, batch)
         if layered is not None:
             return layered
 
@@ -337,8 +279,23 @@ def mas_importance(
     return {n: v / n_batches for n, v in imp.items()}
 
 
-def task_generator(seed: int, task_id: int) -> torch.Generator:
-    """CPU generator for a task's random choices in an importance pass (subset, sampled labels):
-    seeded from the run's seed and the task id, so a pass is reproducible, differs between run
-    seeds (their spread includes it), and leaves the global RNG alone."""
-    return torch.Generator().manual_seed((104729 + int(task_id)) * 1_000_003 + int(seed) % 2**31)
+def diagonal_by_layers(
+    model: nn.Module, x: Tensor, units: tuple[int, int], target: Tensor | None, chunk: int
+) -> dict[str, Tensor] | None:
+    """EWC's diagonal Fisher (``per_sample.fisher_diagonal``: mean per-sample squared gradient of
+    log p(target) over ``units``, or the exact expectation when ``target`` is None) from the layers'
+    per-sample gradients; None when a parameter lives outside a Linear/Conv2d layer. Rows held at
+    once: enough samples for ~16 MB (at least ``chunk``)."""
+    params = named_params(model)
+    layers, covered = _layer_table(model, params)
+    if covered != set(params) or not len(x):
+        return None
+    lo, hi = int(units[0]), int(units[1])
+    n_params = sum(p.numel() for p in params.values())
+    step = min(len(x), max(chunk, (1 << 22) // max(n_params, 1)))
+    shapes = {n: p.shape for n, p in params.items()}
+    try:
+        acc = sum(r.square().sum(0) for r in _hook_rows(model, list(params), layers, x, lo, hi, None, target, step))
+    except LayerReused:  # raised by the first chunk's forward, before anything was summed
+        return None
+    return _unflat(acc / len(x), shapes)
