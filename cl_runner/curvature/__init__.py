@@ -1,6 +1,18 @@
-"""Curvature: per-sample gradients, label choice, Fisher structures (diag / KFAC / dense) and their
-estimators. A layer below :mod:`cl_runner.methods` (it imports torch, the models' parameter helpers
-and the seeding module, never a method)."""
+"""The curvature of a model's output distribution: per-sample gradients, label choice, Fisher
+structures (diag / KFAC / dense) and their estimators. A layer below :mod:`cl_runner.methods`: it
+imports torch, :mod:`cl_runner.models.params` and nothing of the methods. Its modules, each importing
+only modules listed before it:
+
+- ``layers``: the one layer pass (hooks on Linear/Conv2d: each layer's inputs a and output gradients δ);
+- ``labels``: the active output window, the masked log-softmax, the one label chooser
+  (:func:`fisher_labels`, a draw needs the caller's ``torch.Generator``) and the scalars to differentiate;
+- ``per_sample``: per-sample gradients (layer-pass einsum rows, ``torch.func`` rows and squared sums);
+- ``structures``: the representations (:class:`Curvature`: diag, KFAC, dense);
+- ``estimators``: diagonal importances (EWC's :func:`fisher_diagonal` with its Linear closed form,
+  :func:`squared_batch_grad`, :func:`mas_importance`);
+- ``structured``: :func:`fisher`, the Fisher in any representation;
+- ``terms``: the penalty Σ_k w_k (θ − θ*_k)ᵀ F_k (θ − θ*_k) over structured Fishers and its state.
+"""
 
 from cl_runner.curvature.estimators import (
     FISHER_ESTIMATORS,

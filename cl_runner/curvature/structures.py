@@ -1,4 +1,8 @@
-"""Fisher representations: diagonal, KFAC, dense."""
+"""The Fisher's representations over named parameter tensors: diagonal, KFAC (per-layer Kronecker
+factors, the rest diagonal) and dense (the P × P matrix, or its factor U with F = UᵀU), with the
+operations the methods need (quadratic form, matrix-vector product, damped solve, weighted sums,
+checkpoint state, a picture). The math of each is in :mod:`cl_runner.curvature.structured`'s
+docstring; computing them is :func:`cl_runner.curvature.fisher`'s job."""
 
 from __future__ import annotations
 
@@ -14,11 +18,11 @@ KINDS = ("diag", "kfac", "dense")
 DENSE_LIMIT = 20_000  # parameters: a P×P float32 matrix of 1.6 GB
 
 
-def _flat(d: Mapping[str, Tensor], names: list[str]) -> Tensor:
+def flat(d: Mapping[str, Tensor], names: list[str]) -> Tensor:
     return torch.cat([d[n].reshape(-1) for n in names])
 
 
-def _unflat(v: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
+def unflat(v: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     out, i = {}, 0
     for n, s in shapes.items():
         k = math.prod(s)
@@ -115,7 +119,7 @@ class DiagCurvature(Curvature):
         return self
 
     def to_dense(self):
-        return torch.diag(_flat(self.values, list(self.shapes)))
+        return torch.diag(flat(self.values, list(self.shapes)))
 
     def diagonal(self):
         return dict(self.values)
@@ -137,18 +141,18 @@ class DenseCurvature(Curvature):
         return self.matrix if self.matrix is not None else self.factor.T @ self.factor
 
     def matvec(self, v):
-        x = _flat(v, list(self.shapes))
+        x = flat(v, list(self.shapes))
         y = self.matrix @ x if self.matrix is not None else self.factor.T @ (self.factor @ x)
-        return _unflat(y, self.shapes)
+        return unflat(y, self.shapes)
 
     def quadratic(self, delta):
-        x = _flat(delta, list(self.shapes))
+        x = flat(delta, list(self.shapes))
         if self.matrix is not None:
             return x @ (self.matrix @ x)
         return (self.factor @ x).square().sum()
 
     def solve(self, g, damping):
-        x = _flat(g, list(self.shapes))
+        x = flat(g, list(self.shapes))
         if self.factor is not None and self.factor.shape[0] < self.factor.shape[1]:
             u = self.factor  # Woodbury: an M×M system
             small = u @ u.T
@@ -158,7 +162,7 @@ class DenseCurvature(Curvature):
             m = self._dense().clone()
             m.diagonal().add_(damping)
             y = torch.cholesky_solve(x[:, None], torch.linalg.cholesky(m))[:, 0]
-        return _unflat(y, self.shapes)
+        return unflat(y, self.shapes)
 
     def add_(self, other, weight=1.0):
         if (
@@ -185,7 +189,7 @@ class DenseCurvature(Curvature):
 
     def diagonal(self):
         d = self.matrix.diagonal() if self.matrix is not None else self.factor.square().sum(0)
-        return _unflat(d.clone(), self.shapes)
+        return unflat(d.clone(), self.shapes)
 
     def state_dict(self):
         return {"kind": self.kind, "shapes": dict(self.shapes), "matrix": self.matrix, "factor": self.factor}

@@ -1,4 +1,5 @@
-"""The EWC penalty over structured Fishers."""
+"""The EWC penalty over structured Fishers: terms (anchor θ*_k, Fisher F_k, weight w_k), their
+quadratic penalty Σ_k w_k (θ − θ*_k)ᵀ F_k (θ − θ*_k) and its fused gradient, and their checkpoint state."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 - Memory grows with the number of tasks: one anchor and one Fisher (each the size of the model)
   per past task are kept (online EWC keeps one). The per-step cost does not grow: the terms are
   merged into one quadratic with the same value and gradient (``regularizer.QuadraticPenalty``).
-- Fisher (``cl_runner.methods.per_sample.fisher_diagonal``): mean over samples of *per-sample*
+- Fisher (``cl_runner.curvature.fisher_diagonal``): mean over samples of *per-sample*
   squared gradients of log p(ŷ|x) (never a squared mini-batch gradient), p = softmax over the
   task's active units ``task.units`` (its head in task-IL, the seen classes in class-IL), in eval
   mode. ``fisher_labels`` picks ŷ: ``true`` = dataset label (empirical Fisher), ``pred`` = the
@@ -29,8 +29,8 @@
   The constructor has no defaults of its own (the YAML is the one place). ``fisher_batch`` bounds
   the per-sample gradients held in memory at once by the ``torch.func`` path (for ``all``:
   fisher_batch // K samples × K classes); Linear-only models take an exact closed form that holds
-  none (see per_sample.py).
-- ``fisher``: the representation of F_k (``cl_runner/methods/curvature.py``): ``diag`` (the code
+  none (see cl_runner/curvature/estimators.py).
+- ``fisher``: the representation of F_k (``cl_runner/curvature/``): ``diag`` (the code
   path above, the default), ``kfac`` (per Linear/Conv2d layer G ⊗ A, the rest diagonal) or
   ``dense`` (P × P, refused above 20,000 parameters). With kfac/dense the penalty is
   λ · s · Σ_{k<t} (θ − θ*_k)ᵀ F_k (θ − θ*_k), one term per past task (a matvec each per step), and

@@ -1,7 +1,7 @@
 """MAS, Memory Aware Synapses (Aljundi et al. 2018, eq. 2–4 and 6): importance from the
 sensitivity of the squared output norm, which needs no labels.
 
-Importance of task t (``cl_runner.methods.per_sample.mas_importance``, eval mode, outputs
+Importance of task t (``cl_runner.curvature.mas_importance``, eval mode, outputs
 restricted to the task's active units ``task.units``):
 
 - per_sample=true (default, Aljundi's eq. 4):  Ω_t,i = 1/N Σ_n | ∂ ‖f(x_n)‖²₂ / ∂θ_i |

@@ -13,7 +13,7 @@ Penalty while training task t+1:
 ``gamma_in_penalty=true`` is Schwarz et al.'s and van de Ven's form (the stored F̃ is decayed once
 more inside the penalty); with the default γ = 1 (Hsu et al.: Fisher summed over tasks, no decay)
 the two coincide. Options as EWC plus ``gamma`` ∈ [0, 1] and ``gamma_in_penalty``. With
-``fisher=kfac|dense`` F̃ is a :class:`~cl_runner.methods.curvature.Curvature` (``scale_``/``add_``):
+``fisher=kfac|dense`` F̃ is a :class:`~cl_runner.curvature.Curvature` (``scale_``/``add_``):
 exact for dense (one matrix); for kfac a sum of Kronecker terms per layer, one per task seen (a
 sum of Kronecker products is no Kronecker product), so its per-step cost grows with the tasks.
 ``importance()``: F̃ (without the extra γ).

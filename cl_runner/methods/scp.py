@@ -9,7 +9,7 @@ Importance of task t, at the end of t (eval mode, outputs restricted to the task
     Γ_t,i = 1/L Σ_l ( ∂ ξ_lᵀ f̄(θ) / ∂θ_i )²,   ξ_l ~ uniform on the unit sphere S^{K−1}
 
 with L = ``n_slices`` directions drawn from a generator seeded by the run's seed and the task id
-(``per_sample.task_generator``; the global RNG is not touched); x_n: the task's training data (all,
+(``cl_runner.seeding.task_generator``; the global RNG is not touched); x_n: the task's training data (all,
 or a seeded subset of ``scp_samples``). Γ is the Monte-Carlo estimate of the sliced Cramér
 distance's quadratic form (the paper's eq. for Γ), 1/L Σ_l (ξ_lᵀ J)² with J = ∂f̄/∂θ (K × P).
 
