@@ -6,7 +6,8 @@ by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's 
 `method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal);
 `active_units: seen` and `clip_grad_norm: null` everywhere (their defaults change nothing), and the
 seeds_fellowship_cnn entries' values from the seeds' code (active_units all, clip 10, momentum 0.9) and
-EWC's sampled Fisher labels there."""
+EWC's sampled Fisher labels there; seeds_ewc_tradeoff's EWC `fisher_estimator: batch_label_cross_mean_sq_grad`
+(the notebook's estimator, PROTOCOLS.md D2 as corrected on 2026-12-02)."""
 
 from __future__ import annotations
 

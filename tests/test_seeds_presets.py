@@ -30,7 +30,7 @@ D2 = {
     "epochs": 4,
     "ewc": {
         "half": True,
-        "fisher_estimator": "squared_batch_grad",
+        "fisher_estimator": "batch_label_cross_mean_sq_grad",  # the notebook's (corrected D2, 2026-12-02)
         "fisher_labels": "true",
         "sq_grad_batch_size": 100,
         "sq_grad_batches": 2,
@@ -89,7 +89,7 @@ def test_seed_presets_follow_protocols_d1_d2(preset, want, method):
 def test_d2_sweep_overrides_lambda_only():
     for lam in (1000, 10000, 100000):
         cfg = compose("experiment=seeds_ewc_tradeoff", "method=ewc", f"lambda={lam}")
-        assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "squared_batch_grad"
+        assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "batch_label_cross_mean_sq_grad"
 
 
 # PROTOCOLS.md D3

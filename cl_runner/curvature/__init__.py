@@ -9,13 +9,15 @@ only modules listed before it:
 - ``per_sample``: per-sample gradients (layer-pass einsum rows, ``torch.func`` rows and squared sums);
 - ``structures``: the representations (:class:`Curvature`: diag, KFAC, dense);
 - ``estimators``: diagonal importances (EWC's :func:`fisher_diagonal` with its Linear closed form,
-  :func:`squared_batch_grad`, :func:`mas_importance`);
+  the seeds' :func:`squared_batch_grad` and :func:`batch_label_cross_mean_sq_grad`, :func:`mas_importance`);
 - ``structured``: :func:`fisher`, the Fisher in any representation;
 - ``terms``: the penalty Σ_k w_k (θ − θ*_k)ᵀ F_k (θ − θ*_k) over structured Fishers and its state.
 """
 
 from cl_runner.curvature.estimators import (
+    BATCH_ESTIMATORS,
     FISHER_ESTIMATORS,
+    batch_label_cross_mean_sq_grad,
     diagonal_by_layers,
     fisher_diagonal,
     mas_importance,
@@ -37,6 +39,7 @@ from cl_runner.curvature.structures import (
 from cl_runner.curvature.terms import Term, add_penalty_grad, penalty, terms_from_state, terms_state
 
 __all__ = [
+    "BATCH_ESTIMATORS",
     "DENSE_LIMIT",
     "FISHER_ESTIMATORS",
     "FISHER_LABELS",
@@ -47,6 +50,7 @@ __all__ = [
     "KFACCurvature",
     "Term",
     "add_penalty_grad",
+    "batch_label_cross_mean_sq_grad",
     "check_dense",
     "diagonal_by_layers",
     "fisher",

@@ -1,5 +1,6 @@
 """Diagonal importance estimators of one task: EWC's Fisher (:func:`fisher_diagonal`), the seeds'
-squared batch gradient (:func:`squared_batch_grad`) and MAS's output sensitivity (:func:`mas_importance`).
+squared batch gradients (:func:`squared_batch_grad`, :func:`batch_label_cross_mean_sq_grad`; ``BATCH_ESTIMATORS``)
+and MAS's output sensitivity (:func:`mas_importance`).
 
 Each picks the fastest exact path for the model, with the same numbers whichever it takes:
 
@@ -34,7 +35,7 @@ from cl_runner.curvature.per_sample import func_square_sums, hook_rows, single_o
 from cl_runner.curvature.structures import unflat
 from cl_runner.models.params import named_params
 
-FISHER_ESTIMATORS = ("per_sample", "squared_batch_grad")
+FISHER_ESTIMATORS = ("per_sample", "squared_batch_grad", "batch_label_cross_mean_sq_grad")
 FAST_LINEAR = True  # use the closed form for Linear-only models (tests switch it off to compare)
 FAST_CHUNK = 1024  # samples per batched backward in the fast path (activations only in memory)
 
@@ -207,6 +208,58 @@ def squared_batch_grad(
             fisher[name] += g.square()
         used += 1
     return {n: f / used for n, f in fisher.items()}
+
+
+def batch_label_cross_mean_sq_grad(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    units: tuple[int, int],
+    labels: str = "true",
+    batch_size: int = 100,
+    n_batches: int = 2,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The seeds' EWC trade-off notebook's estimate (PROTOCOLS.md D2, its ``_update_fisher_params``),
+    *not* a Fisher: the square of the gradient of one scalar,
+
+        L = 1/Σ_b |X_b|² · Σ_{b<B} Σ_{n∈X_b} Σ_{m∈X_b} log p(ŷ_m | x_n),     F_i = (∂L/∂θ_i)²
+
+    X_b as in :func:`squared_batch_grad` (the first B mini-batches of ``batch_size`` in data order).
+    The notebook indexes a batch's log-softmax (|X_b| × K) with the batch's whole label vector,
+    ``logp[:, target]``: an |X_b| × |X_b| matrix holding *every* sample's log-probability of *every*
+    label present in the batch, not one entry per sample; it stacks the B matrices, averages all their
+    entries into L, differentiates L once and squares that gradient. Per sample this is the
+    log-likelihood of the batch's label histogram (≈ the mean over the classes of log p(c|x) with
+    balanced classes), whose gradient stays large at a trained model, unlike a true-label batch gradient.
+    ŷ: ``labels`` true (the notebook's) | pred | sample, as :func:`fisher_labels` (not ``all``).
+    """
+    if labels == "all":
+        raise ValueError(
+            "fisher_labels=all does not apply to batch_label_cross_mean_sq_grad; choose one of: true, pred, sample"
+        )
+    lo, hi = units
+    params, consts = split_state(model)
+    x, y = x[: batch_size * n_batches], y[: batch_size * n_batches]
+    if len(x) == 0:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+    target = fisher_labels(model, x, y, units, labels, generator)
+
+    def cross_mean(params: dict[str, Tensor]) -> Tensor:
+        blocks = []
+        for s in range(0, len(x), batch_size):
+            logp = torch.log_softmax(functional_call(model, (params, consts), (x[s : s + batch_size],))[:, lo:hi], 1)
+            blocks.append(logp[:, target[s : s + batch_size]].reshape(-1))  # (|X_b| · |X_b|,)
+        return torch.cat(blocks).mean()
+
+    return {n: g.square() for n, g in grad(cross_mean)(params).items()}
+
+
+#: EWC's ``fisher_estimator`` values other than ``per_sample``: a squared gradient of a batch statistic
+BATCH_ESTIMATORS = {
+    "squared_batch_grad": squared_batch_grad,
+    "batch_label_cross_mean_sq_grad": batch_label_cross_mean_sq_grad,
+}
 
 
 def mas_importance(
