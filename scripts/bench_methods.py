@@ -45,11 +45,13 @@ import time
 import torch
 from torch import nn
 
+from cl_runner import curvature
+from cl_runner.curvature import estimators as per_sample
+from cl_runner.curvature.estimators import FAST_CHUNK, fisher_diagonal, mas_importance
 from cl_runner.data import transforms as T
 from cl_runner.data.datasets import DatasetUnavailable, load_dataset
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import build_method, curvature, eval_mode, per_sample
-from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
+from cl_runner.methods import build_method, eval_mode
 from cl_runner.models import MLP, SmallCNN
 from cl_runner.trainer import Trainer
 

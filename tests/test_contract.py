@@ -17,8 +17,9 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
+from cl_runner import curvature
 from cl_runner.data.benchmarks import build_stream
-from cl_runner.methods import build_method, curvature
+from cl_runner.methods import build_method
 from cl_runner.models import build_model
 from cl_runner.run import run_experiment
 from cl_runner.trainer import Trainer, make_optimizer_factory

@@ -43,10 +43,10 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method, cross_entropy
+from cl_runner.methods.checks import check_count
 from cl_runner.methods.memory import ReservoirMemory, joined_units, replay_units
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_count
 from cl_runner.options import Float, check
+from cl_runner.seeding import task_generator
 
 #: ``task_generator``'s task id for DER's generator (its own stream of draws)
 DER_STREAM = (1 << 20) + 16

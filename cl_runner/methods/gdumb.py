@@ -62,10 +62,10 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import TaskStream
 from cl_runner.methods.base import Method, TrainingData, cross_entropy
+from cl_runner.methods.checks import check_choice, check_count
 from cl_runner.methods.memory import BalancedMemory
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_choice, check_count
 from cl_runner.options import Float, check
+from cl_runner.seeding import task_generator
 
 #: ``task_generator`` ids: the sampler's stream order, and each evaluation's fit (+ the task index)
 GDUMB_STREAM = (1 << 20) + 48

@@ -50,9 +50,9 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method, cross_entropy, eval_mode, named_params
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_choice, check_count
+from cl_runner.methods.checks import check_choice, check_count
 from cl_runner.options import Float, Int, check
+from cl_runner.seeding import task_generator
 
 CE_UNITS = ("active", "seen")
 #: ``task_generator``'s task id for the warm-up's shuffles

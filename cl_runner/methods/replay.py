@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method
+from cl_runner.methods.checks import check_count
 from cl_runner.methods.memory import ReservoirMemory, joined_units, replay_units, reservoir_slots
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_count
+from cl_runner.seeding import task_generator
 
 __all__ = ["REPLAY_STREAM", "Replay", "reservoir_slots"]
 
