@@ -216,6 +216,43 @@ def _subset(x: Tensor, y: Tensor, limit: int | None, g: torch.Generator) -> tupl
     return x[idx], y[idx]
 
 
+def _load(opts, sources, sizes, data_dir: str, download: bool, seed: int, device: torch.device) -> list[RawDataset]:
+    """Every source read (and checked), padded and on the device; the memory check first when the
+    sizes are known, else once a dataset class has been read."""
+    if sizes is not None:
+        _check_fits(opts, sizes, device)  # before anything is read or allocated
+    loaded = []
+    for source in sources:
+        loaded.append(_read(source, data_dir, download, seed))
+        _check_read(opts, loaded[-1], source)
+    if sizes is None:  # a dataset class: its size is known now
+        _check_fits(opts, [(len(r.y_train), len(r.y_test), tuple(r.x_train.shape[1:])) for r in loaded], device)
+    raws = []
+    while loaded:  # each unpadded copy is freed as soon as its padded one exists
+        raws.append(_prepare(loaded.pop(0), opts["pad"], device))
+    shapes = {tuple(r.x_train.shape[1:]) for r in raws}
+    if len(shapes) != 1:
+        raise ValueError(f"benchmark.datasets have different image shapes {sorted(shapes)}; set benchmark.pad")
+    return raws
+
+
+def _normalization(norm: Any, raws: list[RawDataset]) -> tuple[Any, Any]:
+    """(mean, std) of ``benchmark.normalize``: given, or (``auto``) the training data's per channel."""
+    if norm != "auto":
+        return norm["mean"], norm["std"]
+    x_all = raws[0].x_train if len(raws) == 1 else torch.cat([r.x_train for r in raws])
+    mean, std = T.channel_stats(x_all)
+    del x_all
+    flat = [s for s in std if not (s > 0 and math.isfinite(s))]
+    if flat:
+        channel = std.index(flat[0])
+        raise ValueError(
+            f"benchmark.normalize=auto: channel {channel} of the training data has std {flat[0]} (every value "
+            "the same); give benchmark.normalize={mean: …, std: …} or null"
+        )
+    return mean, std
+
+
 def build_stream(
     cfg: Mapping[str, Any],
     scenario: str,
@@ -232,35 +269,10 @@ def build_stream(
     if sizes is not None:
         _check_fits(opts, sizes, device)  # before anything is read or allocated
     g = torch.Generator().manual_seed(int(seed))
-    loaded = []
-    for source in sources:
-        loaded.append(_read(source, data_dir, download, seed))
-        _check_read(opts, loaded[-1], source)
-    if sizes is None:  # a dataset class: its size is known now
-        _check_fits(opts, [(len(r.y_train), len(r.y_test), tuple(r.x_train.shape[1:])) for r in loaded], device)
-    raws = []
-    while loaded:  # each unpadded copy is freed as soon as its padded one exists
-        raws.append(_prepare(loaded.pop(0), opts["pad"], device))
-    shapes = {tuple(r.x_train.shape[1:]) for r in raws}
-    if len(shapes) != 1:
-        raise ValueError(f"benchmark.datasets have different image shapes {sorted(shapes)}; set benchmark.pad")
-
+    raws = _load(opts, sources, sizes, data_dir, download, seed, device)
     parts = KINDS[kind](opts, raws, g)
     norm = opts["normalize"]
-    if norm == "auto":
-        x_all = raws[0].x_train if len(raws) == 1 else torch.cat([r.x_train for r in raws])
-        mean, std = T.channel_stats(x_all)
-        del x_all
-        flat = [s for s in std if not (s > 0 and math.isfinite(s))]
-        if flat:
-            channel = std.index(flat[0])
-            raise ValueError(
-                f"benchmark.normalize=auto: channel {channel} of the training data has std {flat[0]} (every value "
-                "the same); give benchmark.normalize={mean: …, std: …} or null"
-            )
-    elif norm is not None:
-        mean, std = norm["mean"], norm["std"]
-
+    mean, std = _normalization(norm, raws) if norm is not None else (None, None)
     train_units, own_units, n_outputs = assign_units([p.classes for p in parts], scenario, active_units)
     max_train, max_test = opts["max_train_per_task"], opts["max_test_per_task"]
     tasks = []
