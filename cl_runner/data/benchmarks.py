@@ -8,7 +8,8 @@ turns the loaded datasets into the stream's tasks (a :class:`Part` each):
                 ``class_order`` or, with ``shuffle_classes``, an order drawn from the seed);
 - ``permuted``: one dataset, ``n_tasks`` fixed pixel permutations drawn from the seed
                 (``permute_first: false`` keeps task 1 unpermuted);
-- ``rotated``:  one dataset, one task per angle in ``angles`` (degrees);
+- ``rotated``:  one dataset, one task per angle in ``angles`` (degrees), or ``angles: random`` with
+                ``n_tasks`` angles drawn from the seed in ``angle_range``; ``interpolation`` bilinear | nearest;
 - ``sequence``: one task per dataset in ``datasets`` (e.g. MNIST then Fashion-MNIST).
 
 Input options for every kind: ``pad`` (zero-pad to a square size, centred), ``normalize`` (null,
@@ -20,6 +21,7 @@ Order of operations: pad → task transform (permutation / rotation) → normali
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -208,17 +210,39 @@ def permuted(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator)
 @register_kind("rotated")
 def rotated(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
     raw = raws[0]
+    interpolation = str(_get(cfg, "interpolation", "bilinear"))
     return [
         Part(
             f"{raw.name}-rot{angle:g}",
-            T.rotate(raw.x_train, angle),
+            T.rotate(raw.x_train, angle, interpolation),
             raw.y_train,
-            T.rotate(raw.x_test, angle),
+            T.rotate(raw.x_test, angle, interpolation),
             raw.y_test,
             list(range(raw.n_classes)),
         )
-        for angle in _get(cfg, "angles", [0, 20, 40, 60, 80])
+        for angle in rotation_angles(cfg, g)
     ]
+
+
+def rotation_angles(cfg: Mapping[str, Any], g: torch.Generator) -> list[float]:
+    """The ``rotated`` kind's angles in degrees: the list ``angles``, or with ``angles: random`` one angle
+    per task for ``n_tasks`` tasks, each uniform in [lo, hi) = ``angle_range`` (default [0, 180)), drawn
+    from the run's seeded generator (mammoth's R-MNIST draws ``np.random.uniform(0, 180)`` per task)."""
+    angles = _get(cfg, "angles", [0, 20, 40, 60, 80])
+    if angles == "random":
+        n = _get(cfg, "n_tasks")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"benchmark.n_tasks must be a positive integer with benchmark.angles=random, got {n!r}")
+        rng = list(_get(cfg, "angle_range", [0, 180]))
+        if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng):
+            raise ValueError(f"benchmark.angle_range must be [low, high] in degrees, got {rng!r}")
+        lo, hi = float(rng[0]), float(rng[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"benchmark.angle_range must be [low, high] with low < high, both finite, got {rng!r}")
+        return (lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)).tolist()
+    if isinstance(angles, str) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in angles):
+        raise ValueError(f"benchmark.angles must be a list of numbers (degrees) or random, got {angles!r}")
+    return [float(a) for a in angles]
 
 
 @register_kind("sequence")
