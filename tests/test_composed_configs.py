@@ -6,7 +6,9 @@ by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's 
 `method.fisher: diag` in the ewc and online_ewc entries (issue 11, its default = the old diagonal);
 `active_units: seen` and `clip_grad_norm: null` everywhere (their defaults change nothing), and the
 seeds_fellowship_cnn entries' values from the seeds' code (active_units all, clip 10, momentum 0.9) and
-EWC's sampled Fisher labels there."""
+EWC's sampled Fisher labels there; `buffer: null` everywhere, `method.clip_grad_value: null` (si),
+`method.fisher_weight: none` (online_ewc) and the rotated benchmark's `n_tasks: null`, `angle_range:
+[0, 180]`, `interpolation: bilinear` (the DER table's options, issue 23; their defaults change nothing)."""
 
 from __future__ import annotations
 
