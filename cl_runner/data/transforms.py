@@ -53,10 +53,8 @@ def rotate(x: Tensor, degrees: float, interpolation: str = "bilinear") -> Tensor
     - ``bilinear``: ``grid_sample`` with bilinear weights (the default).
     - ``nearest``: PIL's ``Image.rotate(angle)`` with its default NEAREST resampling, which is what
       ``torchvision.transforms.functional.rotate`` does to a PIL image (mammoth's R-MNIST, Buzzega et
-      al. 2020): every output pixel centre (i + ½, j + ½) is mapped back through PIL's matrix (its
-      cos/sin rounded to 15 decimals, the centre at (W/2, H/2)) and takes the input pixel that contains
-      the point, floor of each coordinate, zero outside. Computed in float64, so it equals PIL's result
-      pixel for pixel (tests/test_der2020.py) up to points that fall exactly on a pixel border.
+      al. 2020), computed the way PIL computes it (:func:`_rotate_nearest`): equal to PIL's result pixel
+      for pixel (tests/test_der2020.py).
     """
     if interpolation not in INTERPOLATIONS:
         choices = ", ".join(INTERPOLATIONS)
