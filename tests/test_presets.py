@@ -86,7 +86,13 @@ def test_hsu_presets_match_protocol_a(preset):
 def test_hsu_domain_si_shows_protocol_a_row():
     """The values the issue names for `cl-run experiment=hsu2018_split_mnist_domain method=si`."""
     cfg = resolved(compose("experiment=hsu2018_split_mnist_domain", "method=si"))
-    assert cfg["lambda"] == 3000 and cfg["method"] == {"name": "si", "lambda": 3000, "xi": 0.1, "grad": "task"}
+    assert cfg["lambda"] == 3000 and cfg["method"] == {
+        "name": "si",
+        "lambda": 3000,
+        "xi": 0.1,
+        "grad": "task",
+        "clip_grad_value": None,
+    }
     assert cfg["benchmark"]["pad"] == 32 and cfg["benchmark"]["normalize"] == {"mean": 0.1, "std": 0.2752}
     assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"]["name"], cfg["optimizer"]["lr"]) == (
         4,
