@@ -34,7 +34,8 @@ BUFFERS = (200, 500, 5120)
 # mammoth c66408f utils/best_args.py, copied by hand, in cl-runner's names: (lr, {option: value}) per method
 # without a memory, {buffer: (lr, {option: value})} per memory method. Mammoth's names: sgd = finetune,
 # ewc_on = online_ewc (e_lambda = lambda), si (c = lambda), er = replay (minibatch_size = replay_batch),
-# gem (gamma = margin), lwf (softmax_temp = temperature, wd_reg = weight_decay), icarl (wd_reg).
+# gem (gamma = margin), lwf (alpha = lambda, softmax_temp = temperature), icarl; plus the options that make
+# lwf and icarl compute what mammoth's lwf.py and icarl.py compute (their configs/method/*.yaml say why).
 BEST = {
     "der2020_perm_mnist": {
         "finetune": (0.2, {}),
@@ -83,7 +84,18 @@ BEST = {
         "joint": (0.03, {"mode": "all"}),
         "online_ewc": (0.03, {"lambda": 90, "gamma": 1.0}),
         "si": (0.1, {"lambda": 1.0, "xi": 0.9}),
-        "lwf": (0.03, {"alpha": 1, "temperature": 2.0, "weight_decay": 0.0005}),
+        "lwf": (
+            0.03,
+            {
+                "lambda": 1,
+                "temperature": 2.0,
+                "wd_reg": 0.0005,
+                "ce_units": "seen",
+                "warmup_epochs": 1,
+                "warmup_lr": 0.03,
+                "warmup_batch": 10,
+            },
+        ),
         "replay": {
             200: (0.01, {"replay_batch": 10}),
             500: (0.1, {"replay_batch": 10}),
@@ -91,7 +103,9 @@ BEST = {
         },
         "gem": {200: (0.01, {"margin": 1.0}), 500: (0.03, {"margin": 0.5}), 5120: (0.1, {"margin": 1.0})},
         "agem": {b: (0.1, {"replay_batch": 128}) for b in BUFFERS},
-        "icarl": {b: (0.1, {"weight_decay": 0}) for b in BUFFERS},
+        "icarl": {
+            b: (0.1, {"wd_reg": 0, "normalize_features": False, "exemplar_inputs": "uint8_truncated"}) for b in BUFFERS
+        },
         "der": {
             200: (0.03, {"replay_batch": 10, "alpha": 0.2}),
             500: (0.03, {"replay_batch": 128, "alpha": 1.0}),
