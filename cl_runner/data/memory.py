@@ -65,11 +65,12 @@ def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ..
         what = f"{n_tasks} tasks of {n_all} samples"
         key = "benchmark.n_tasks"
     elif kind == "rotated":
-        n_tasks = len(opts["angles"])
-        copies = sum(1 for a in opts["angles"] if float(a) % 360 != 0)
+        random = opts["angles"] == "random"
+        n_tasks = opts["n_tasks"] if random else len(opts["angles"])
+        copies = n_tasks if random else sum(1 for a in opts["angles"] if float(a) % 360 != 0)
         task_train, task_test = n_train, n_test
         what = f"{n_tasks} tasks of {n_all} samples"
-        key = "benchmark.angles"
+        key = "benchmark.n_tasks" if random else "benchmark.angles"
     else:
         n_tasks, copies = len(sizes), 0
         task_train, task_test = n_train / max(n_tasks, 1), n_test / max(n_tasks, 1)
