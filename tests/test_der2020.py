@@ -289,16 +289,19 @@ def test_random_angles_are_seeded_uniform_draws():
     assert rotation_angles({"angles": [0, 20]}, torch.Generator()) == [0.0, 20.0]
     lo = rotation_angles({**cfg, "n_tasks": 50, "angle_range": [10, 11]}, torch.Generator().manual_seed(0))
     assert all(10 <= v < 11 for v in lo)
-    for bad, key in (
-        ({**cfg, "n_tasks": None}, "benchmark.n_tasks"),
-        ({**cfg, "n_tasks": 0}, "benchmark.n_tasks"),
-        ({**cfg, "angle_range": [5, 5]}, "benchmark.angle_range"),
-        ({**cfg, "angle_range": [0]}, "benchmark.angle_range"),
-        ({"angles": "sometimes"}, "benchmark.angles"),
-        ({"angles": [0, "x"]}, "benchmark.angles"),
+    from cl_runner.data.benchmarks import benchmark_options
+
+    node = {"kind": "rotated", "dataset": "mnist", **cfg}
+    for bad, key in (  # refused where every option is checked, before anything is drawn or read
+        ({**node, "n_tasks": None}, "benchmark.n_tasks"),
+        ({**node, "n_tasks": 0}, "benchmark.n_tasks"),
+        ({**node, "angle_range": [5, 5]}, "benchmark.angle_range"),
+        ({**node, "angle_range": [0]}, "benchmark.angle_range"),
+        ({**node, "angles": "sometimes"}, "benchmark.angles"),
+        ({**node, "angles": [0, "x"]}, "benchmark.angles"),
     ):
         with pytest.raises(ValueError, match=key):
-            rotation_angles(bad, torch.Generator())
+            benchmark_options(bad)
 
 
 def test_rotated_stream_with_random_angles(tmp_path):
@@ -312,7 +315,8 @@ def test_rotated_stream_with_random_angles(tmp_path):
     stream = build_stream(cfg, "domain", seed=4, device="cpu", data_dir=str(tmp_path), download=False)
     angles = rotation_angles(cfg, torch.Generator().manual_seed(4))
     assert len(stream) == 3 and [t.name for t in stream] == [f"mnist-rot{a:g}" for a in angles]
-    base = build_stream({**cfg, "angles": [0]}, "domain", seed=4, device="cpu", data_dir=str(tmp_path), download=False)
+    one = {**cfg, "angles": [0], "n_tasks": None}
+    base = build_stream(one, "domain", seed=4, device="cpu", data_dir=str(tmp_path), download=False)
     for task, angle in zip(stream, angles, strict=True):
         assert torch.equal(task.x_train, rotate(base[0].x_train, angle, "nearest"))
         assert torch.equal(task.x_test, rotate(base[0].x_test, angle, "nearest"))
