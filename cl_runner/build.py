@@ -68,6 +68,12 @@ def check_buffer(cfg: Any) -> None:
     method = cfg.get("method")
     best = method.get("_best") if method is not None else None
     if best is None:
+        if buffer is not None and method is not None and "buffer_size" in method:
+            # a memory method outside a preset with a table: `buffer` would silently do nothing
+            raise ValueError(
+                f"buffer={buffer}: method={method.get('name')} has no table of best arguments per memory size "
+                f"here (the der2020_* presets have); set its memory size with method.buffer_size={buffer}"
+            )
         return
     sizes = [str(k) for k in best]
     if buffer is None or str(buffer) not in sizes:

@@ -83,8 +83,8 @@ def validate(cfg: DictConfig, read_data: bool = False) -> None:
     from cl_runner.models import build_model
     from cl_runner.optimizers import make_optimizer_factory
 
+    check_buffer(cfg)  # first: the method's options (and λ, the lr) resolve through the table it selects from
     values = check_top_level(cfg)
-    check_buffer(cfg)  # before the method's options resolve through the table it selects from
     device = resolve_device(values["device"])
     check_benchmark(cfg.benchmark, values["scenario"])
     check_memory(cfg.benchmark, device)  # before anything is allocated

@@ -44,8 +44,9 @@ class TrainingStep:
 
     def gradient_hooks(self, batch: Batch) -> Tensor | None:
         """After ``.backward()``, before the optimizer step: the method's gradient hook, then λ·penalty's
-        gradient, then ``clip_grad_norm`` on the whole gradient (task loss + penalty, as the seeds' code
-        clips after the regularized loss's backward); returns λ·penalty (None without one)."""
+        gradient, then ``clip_grad_norm`` on the whole gradient (task loss + penalty, as the curvature
+        demonstration's code clips after the regularized loss's backward, docs/protocols/curvature.md);
+        returns λ·penalty (None without one)."""
         self.method.after_backward(self.model, batch)
         penalty = self.method.add_penalty_grad(self.model) if self.method.strength else None
         if self.clip_grad_norm is not None:

@@ -9,7 +9,8 @@ only modules listed before it:
 - ``per_sample``: per-sample gradients (layer-pass einsum rows, ``torch.func`` rows and squared sums);
 - ``structures``: the representations (:class:`Curvature`: diag, KFAC, dense);
 - ``estimators``: diagonal importances (EWC's :func:`fisher_diagonal` with its Linear closed form,
-  the seeds' :func:`squared_batch_grad` and :func:`batch_label_cross_mean_sq_grad`, :func:`mas_importance`);
+  the EWC trade-off estimators :func:`squared_batch_grad` and :func:`batch_label_cross_mean_sq_grad`,
+  :func:`mas_importance`);
 - ``structured``: :func:`fisher`, the Fisher in any representation;
 - ``terms``: the penalty Σ_k w_k (θ − θ*_k)ᵀ F_k (θ − θ*_k) over structured Fishers and its state.
 """

@@ -1,4 +1,4 @@
-"""Diagonal importance estimators of one task: EWC's Fisher (:func:`fisher_diagonal`), the seeds'
+"""Diagonal importance estimators of one task: EWC's Fisher (:func:`fisher_diagonal`), the EWC trade-off notebook's
 squared batch gradients (:func:`squared_batch_grad`, :func:`batch_label_cross_mean_sq_grad`; ``BATCH_ESTIMATORS``)
 and MAS's output sensitivity (:func:`mas_importance`).
 
@@ -165,7 +165,7 @@ def _closed_form_factors(kind, inputs, grads) -> tuple[list[Tensor], list[Tensor
     return weights, [a.square() for a in inputs]
 
 
-# ---- the seeds' squared batch gradient and MAS ---------------------------------------------------
+# ---- the EWC trade-off estimators and MAS ---------------------------------------------------
 
 
 def squared_batch_grad(
@@ -178,7 +178,8 @@ def squared_batch_grad(
     n_batches: int = 2,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """The seeds' Fisher estimate (PROTOCOLS.md D2), *not* a per-sample Fisher:
+    """An earlier reading of the EWC trade-off notebook's estimate (docs/protocols/ewctradeoff.md), *not* a
+    per-sample Fisher:
 
         F_i = 1/B Σ_{b<B} ( ∂/∂θ_i  1/|X_b| Σ_{n∈X_b} log p(ŷ_n | x_n) )²
 
@@ -220,7 +221,7 @@ def batch_label_cross_mean_sq_grad(
     n_batches: int = 2,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """The seeds' EWC trade-off notebook's estimate (PROTOCOLS.md D2, its ``_update_fisher_params``),
+    """The EWC trade-off notebook's estimate (docs/protocols/ewctradeoff.md#fisher, its ``_update_fisher_params``),
     *not* a Fisher: the square of the gradient of one scalar,
 
         L = 1/Σ_b |X_b|² · Σ_{b<B} Σ_{n∈X_b} Σ_{m∈X_b} log p(ŷ_m | x_n),     F_i = (∂L/∂θ_i)²

@@ -10,7 +10,8 @@ task carries the contiguous range of units ``[lo, hi)`` that is active while it 
 - class-IL:  task t's classes get units ``[off_t, off_t + k_t)``; training task t activates all
              classes seen so far ``[0, off_t + k_t)`` (the seen-class mask, ``active_units=seen``:
              Hsu et al., van de Ven & Tolias), or every unit of the stream from the first task
-             (``active_units=all``: one fixed head, as the seeds' D3 code trains its 30-unit head).
+             (``active_units=all``: one fixed head, as the curvature demonstration's code trains its 30-unit head,
+             docs/protocols/curvature.md).
 
 Evaluation of task j after training task i uses :meth:`TaskStream.eval_units`.
 """

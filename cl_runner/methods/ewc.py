@@ -13,18 +13,20 @@
   mode. ``fisher_labels`` picks ŷ: ``true`` = dataset label (empirical Fisher), ``pred`` = the
   model's argmax (Hsu et al.; van de Ven & Tolias), ``sample`` = a draw from p(·|x), ``all`` = the
   exact expectation Σ_c p(c|x) (∂ log p(c|x)/∂θ)².
-- ``fisher_estimator=squared_batch_grad`` is the seeds' deviation (PROTOCOLS.md D2), kept only to
+- ``fisher_estimator=squared_batch_grad`` is an earlier reading of the EWC trade-off notebook
+  (docs/protocols/ewctradeoff.md), kept only to
   reproduce that demonstration: F_i = 1/B Σ_{b<B} (∂ mean_{n∈X_b} log p(ŷ_n|x_n) / ∂θ_i)², the
   square of the gradient of the *batch-mean* log-likelihood, for each of the first B =
   ``sq_grad_batches`` mini-batches X_b of ``sq_grad_batch_size`` training samples in data order
-  (unshuffled), averaged over the B batches (the seed's loop: per batch, backward the batch-mean
+  (unshuffled), averaged over the B batches (that reading's loop: per batch, backward the batch-mean
   log-likelihood and accumulate grad² / B). It is not a Fisher: with true labels its expectation
   is F_emp / |X_b| + (1 − 1/|X_b|) · ḡ², ḡ the mean gradient of the task loss, which is small
   once the task is learned; so it is about |X_b| times smaller than the per-sample Fisher (λ means
   something else) and, from 2 batches, noisy. ``fisher_labels`` true | pred | sample (not all);
   ``fisher_samples`` must stay null (the batches fix the samples). Eval mode as well.
-- ``fisher_estimator=batch_label_cross_mean_sq_grad`` is what the seeds' EWC trade-off notebook
-  computes (PROTOCOLS.md D2, its ``_update_fisher_params``), kept only to reproduce that picture. For
+- ``fisher_estimator=batch_label_cross_mean_sq_grad`` is what the EWC trade-off notebook
+  computes (docs/protocols/ewctradeoff.md#fisher, its ``_update_fisher_params``), kept only to
+  reproduce that picture. For
   each of the same first B batches of 100 it takes ``log_softmax(model(x))[:, target]``: indexed with
   the batch's whole label *vector*, this is a 100 × 100 matrix, every sample's log-probability of
   every label present in the batch (not one entry per sample). It stacks the B matrices, takes the

@@ -1,5 +1,5 @@
 """Natural-gradient replay: replay (``replay.py``) whose every step is preconditioned by the inverse
-Fisher of the combined batch (PROTOCOLS.md D3).
+Fisher of the combined batch (docs/protocols/curvature.md).
 
 Each step trains on B = the current batch + replayed memory samples (as ``method=replay``); after
 the backward pass the gradient g = ∇ L_B(θ) of the mean loss over B is replaced by

@@ -12,7 +12,7 @@ same draws).
 Each step (``training_batch``): ``replay_batch`` memory samples (null = as many as the current
 batch; fewer while the memory holds fewer) drawn without replacement are appended to the batch,
 so the task loss is the mean cross-entropy over the concatenation (Chaudhry et al. 2019's
-experience replay; PROTOCOLS.md D3). Nothing is replayed before the memory holds a sample, and
+experience replay; docs/protocols/curvature.md). Nothing is replayed before the memory holds a sample, and
 while training task t the memory also holds task t's own earlier batches (D3: "updated with every
 training batch").
 

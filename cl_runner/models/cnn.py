@@ -1,7 +1,7 @@
-"""Small convolutional network (the seeds' CNN: conv 5×5 → 5 ch, pool, conv 5×5 → 5 ch, pool,
-fc 80 → 20 → outputs on 28×28 inputs). ``head_bias=False`` gives PROTOCOLS.md D3's head (fc 20 → 30
-without bias, ``configs/model/cnn_d3.yaml``). ReLU before max-pool equals D3's pool-then-ReLU: both
-are monotone, so they commute."""
+"""Small convolutional network (the curvature demonstration's CNN, docs/protocols/curvature.md: conv
+5×5 → 5 ch, pool, conv 5×5 → 5 ch, pool, fc 80 → 20 → outputs on 28×28 inputs). ``head_bias=False``
+gives that demonstration's head (fc 20 → 30 without bias, ``configs/model/cnn_d3.yaml``). ReLU before
+max-pool equals its pool-then-ReLU: both are monotone, so they commute."""
 
 from __future__ import annotations
 
