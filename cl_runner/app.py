@@ -250,7 +250,7 @@ class CommandLine:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             self.sweep = self.sweep or o.is_sweep_override()
             if key in ("hydra.run.dir", "hydra.sweep.dir"):
-                self.folders[key] = Path(values[0]) if values[0] else Path("")
+                self.folders[key] = values[0]  # a string: Path("") would be the current folder
             if key.startswith("hydra"):
                 continue
             if key in groups and not o.is_delete():
@@ -297,14 +297,17 @@ def _check_run(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
     run_dir = line.folders.get("hydra.run.dir")
     if run_dir is not None:
         check_folder("hydra.run.dir", run_dir)
-        check_run_dir(run_dir, cfg)
+        check_run_dir(Path(run_dir), cfg)
     else:
         check_folder("outputs", Path("outputs") / "runs")
     return Plan(argv)
 
 
 def _check_sweep(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
-    sweep_dir = line.folders.get("hydra.sweep.dir")
+    given = line.folders.get("hydra.sweep.dir")
+    sweep_dir = None if given is None else Path(given)
+    if given is not None:
+        check_folder("hydra.sweep.dir", given)
     if sweep_dir is None:
         try:
             sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)))

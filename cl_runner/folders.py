@@ -25,21 +25,19 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def check_folder(key: str, folder: Path) -> None:
+def check_folder(key: str, folder: str | Path) -> None:
     """A run or sweep folder must be a usable name and creatable: probe its nearest existing parent
     (nothing is left behind)."""
     if not str(folder).strip():
         raise UsageError(f"{key} is empty; give a folder (or leave {key} out for the default)")
-    parent = folder
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        limit = os.pathconf(parent if parent.is_dir() else parent.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    folder = Path(folder)
+    limit = 255  # NAME_MAX of the common file systems (ext4, xfs, btrfs, tmpfs)
     long = next((p for p in folder.parts if len(os.fsencode(p)) > limit), None)
     if long is not None:
         raise UsageError(f"{key}={folder}: the name {long[:40]}… has more than {limit} bytes; choose a shorter one")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "not a directory", str(parent))
