@@ -312,6 +312,7 @@ def _help(argv: list[str], args: argparse.Namespace) -> Plan:
     from hydra._internal.utils import get_args_parser
 
     line = CommandLine(args)
+    line.compose()  # a command line that does not compose: one error line, not Hydra's
     parser = get_args_parser()
     with configpath.initialized(path=line.search.full_path()) as app:
         app.app_help(config_name=line.search.config_name, args_parser=parser, args=parser.parse_args(argv))

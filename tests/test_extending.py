@@ -72,6 +72,7 @@ CONFIGS = {
     "method/decay.yaml": "name: decay\n_target_: my_methods.Decay\n_partial_: true\nlambda: 0.01\nscale: 1.0\n",
     "method/broken_import.yaml": "name: broken_import\n_target_: my_broken.Thing\n_partial_: true\nlambda: null\n",
     "model/tinynet.yaml": "name: tinynet\n_target_: my_nets.TinyNet\n_partial_: true\nwidth: 16\n",
+    "optimizer/mysgd.yaml": "name: mysgd\n_target_: torch.optim.SGD\n_partial_: true\nlr: 0.01\n",
     # a benchmark of the user's from a built-in kind: the digits as odd/even-free pairs, 2 tasks
     "benchmark/digits_pairs.yaml": (
         "name: digits_pairs\nscenarios: [task, domain, class]\nkind: split\ndataset: digits\nn_tasks: 2\n"
@@ -158,6 +159,18 @@ def test_an_environment_folder_trains_a_preset_of_the_users(user, tmp_path):
     assert m["experiment"] == "mine" and m["method_options"] == {"scale": 2.0}
 
 
+def test_a_sweep_over_the_users_method_and_a_built_in_one(user, tmp_path):
+    code, configs, env = user
+    sweep = tmp_path / "sweep"
+    args = ["-m", "method=decay,l2", "benchmark=split_digits", "benchmark.n_tasks=2", *TINY]
+    proc = _run([*args, f"hydra.searchpath=[file://{configs}]", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(sweep.glob("*/metrics.json"))
+    found = {json.loads(p.read_text())["method"]: json.loads(p.read_text())["status"] for p in jobs}
+    assert found == {"decay": "ok", "l2": "ok"}
+    assert "decay" in (sweep / "summary.md").read_text()
+
+
 def test_a_primary_config_of_the_users_with_its_searchpath(user, tmp_path, monkeypatch, capsys):
     code, configs, env = user
     primary = tmp_path / "primary"
@@ -202,6 +215,10 @@ def test_the_users_options_are_in_help(user, tmp_path, monkeypatch, capsys):
 
 
 BAD = [
+    (
+        ["optimizer=mysgd", "+optimizer.momentun=0.9"],
+        "error: optimizer mysgd has no option momentun; valid options: dampening, differentiable,",
+    ),
     (["method=decay", "+method.scal=1"], "error: method decay has no option scal; valid options: scale"),
     (["model=tinynet", "+model.widht=3"], "error: model tinynet has no option widht; valid options: width"),
     (
