@@ -265,6 +265,9 @@ def test_a_folder_that_does_not_exist_is_one_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv(ENV, f"{tmp_path}:{missing}")
     code, _, err = _main(monkeypatch, capsys)
     assert code == 2 and err.strip() == f"error: {ENV}: {missing} is not a folder"
+    monkeypatch.delenv(ENV)
+    code, _, err = _main(monkeypatch, capsys, f"hydra.searchpath=file://{tmp_path}")
+    assert code == 2 and err.strip() == f"error: hydra.searchpath must be a list of strings. Got: file://{tmp_path}"
 
 
 def test_shadowing_a_built_in_option_is_one_warning(user, tmp_path, monkeypatch, capsys):
