@@ -323,10 +323,11 @@ def _help(argv: list[str], args: argparse.Namespace) -> Plan:
 
 def _check_run(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
     from cl_runner.checks import validate
+    from cl_runner.data.datasets import DatasetUnavailable
 
     try:
-        validate(cfg)
-    except ValueError as e:
+        validate(cfg, read_data=True)  # a single run: its data are read here once, kept for the run
+    except (ValueError, DatasetUnavailable) as e:
         raise UsageError(_one_line(e)) from None
     run_dir = line.folders.get("hydra.run.dir")
     if run_dir is not None:

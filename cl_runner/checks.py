@@ -71,9 +71,11 @@ def check_top_level(cfg: DictConfig) -> dict[str, Any]:
     return values
 
 
-def validate(cfg: DictConfig) -> None:
-    """All checks of a composed run config (see the module docstring); ValueError (one line)."""
-    from cl_runner.data.benchmarks import check_benchmark, input_shape
+def validate(cfg: DictConfig, read_data: bool = False) -> None:
+    """All checks of a composed run config (see the module docstring); ValueError (one line).
+    ``read_data``: also read and check every data file (kept for the run in this process), so that a
+    missing or damaged file is refused before the run's folder is made."""
+    from cl_runner.data.benchmarks import check_benchmark, check_data, check_memory, input_shape
     from cl_runner.methods import method_from_config
     from cl_runner.models import build_model
     from cl_runner.optimizers import make_optimizer_factory
@@ -81,20 +83,14 @@ def validate(cfg: DictConfig) -> None:
     values = check_top_level(cfg)
     device = resolve_device(values["device"])
     check_benchmark(cfg.benchmark, values["scenario"])
-    _check_memory(cfg.benchmark, device)
+    check_memory(cfg.benchmark, device)  # before anything is allocated
     make_optimizer_factory(cfg.optimizer)
     method = method_from_config(cfg.method, values["lambda"])
     # options and fit to the input shape, before any data is read or folder made
-    method.check_model(build_model(cfg.model, input_shape(cfg.benchmark), 10))
-
-
-def _check_memory(benchmark: Any, device: Any) -> None:
-    """Refuse a task stream that cannot fit in memory, before anything is allocated."""
-    from cl_runner.data import benchmarks
-
-    check = getattr(benchmarks, "check_fits", None)
-    if check is not None:
-        check(benchmark, device)
+    shape = input_shape(cfg.benchmark, values["data_dir"], values["download"])
+    method.check_model(build_model(cfg.model, shape, 10))
+    if read_data:
+        check_data(cfg.benchmark, values["data_dir"], values["download"], values["seed"], keep=True)
 
 
 __all__ = ["OptionError", "TOP", "validate", "resolve_device", "check_top_level"]

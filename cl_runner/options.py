@@ -34,7 +34,8 @@ class OptionError(ValueError):
         super().__init__(message)
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as messages show it: strings quoted, everything else as printed."""
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -67,7 +68,7 @@ class Spec:
         return f" or null{f' ({self.null_means})' if self.null_means else ''}" if self.optional else ""
 
     def error(self, key: str, value: Any, what: str | None = None) -> OptionError:
-        return OptionError(key, f"{key} must be {what or self.what()}, got {_show(value)}")
+        return OptionError(key, f"{key} must be {what or self.what()}, got {show(value)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -170,7 +171,7 @@ class Choice(Spec):
         if isinstance(value, bool) and str(value).lower() in self.choices:
             value = str(value).lower()
         if not isinstance(value, str) or value not in self.choices:
-            raise OptionError(key, f"{key}={_show(value)} is {self.word}; choose one of: {', '.join(self.choices)}")
+            raise OptionError(key, f"{key}={show(value)} is {self.word}; choose one of: {', '.join(self.choices)}")
         return value
 
     def _what(self) -> str:

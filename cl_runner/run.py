@@ -157,7 +157,7 @@ def run_phases(
         if (out_dir / CONFIG).is_file():  # a folder of another config is refused before anything is written
             check_same_config(out_dir, cfg)
         threads = torch.get_num_threads()
-        if cfg.get("threads"):
+        if isinstance(cfg.get("threads"), int):
             torch.set_num_threads(int(cfg.threads))
         try:
             run = _Run(cfg, out_dir, device, console, parts or RunParts(), ident or identity(cfg), previous)
@@ -204,6 +204,8 @@ class _Run:
             cfg.benchmark, cfg.scenario, cfg.seed, self.device, cfg.data_dir, cfg.download, cfg.active_units
         )
         model = build_model(cfg.model, stream.input_shape, stream.n_outputs).to(self.device)
+        if cfg.get("threads") == "auto" and small_model(model, self.device):
+            torch.set_num_threads(1)
         self.method = method_from_config(cfg.method, cfg.get("lambda"))
         self.hparams = run_hparams(self.ident, self.method.strength if self.method.uses_strength else None, cfg)
         self._claim_config()
@@ -346,6 +348,22 @@ class _Run:
             self.tb.final(result, self.hparams) if status == "ok" else self.tb.failed(self.hparams, status)
         except Exception as e:  # noqa: BLE001 - figures are a view of the record
             print(f"warning: TensorBoard summary not written: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+#: ``threads=auto``: models with fewer trainable parameters than this train on one CPU thread. Their
+#: operations are too small to gain from a second thread, and PyTorch's default of one OpenMP thread per
+#: core spins against any other process on the machine (README, "Speed": measured with
+#: ``scripts/bench_runner.py --load``)
+SMALL_MODEL = 2_000_000
+
+
+def small_model(model: Any, device: Any) -> bool:
+    """``threads=auto`` trains on one CPU thread (else PyTorch's default, one per core): a model under
+    :data:`SMALL_MODEL` trainable parameters, on the CPU."""
+    import torch
+
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return torch.device(device).type == "cpu" and n < SMALL_MODEL
 
 
 def _drop_previous(out_dir: Path) -> None:

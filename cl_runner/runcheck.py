@@ -68,6 +68,7 @@ def with_defaults(overrides: list[str]) -> list[str]:
 def prepare(argv: list[str]) -> tuple[CommandLine, list[str]]:
     """The checked command line and the overrides the contract composes with; UsageError (one line)."""
     from cl_runner.checks import validate
+    from cl_runner.data.datasets import DatasetUnavailable
 
     args = _arguments(argv)
     if not any(o.split("=", 1)[0].lstrip("+") == "method" for o in args.overrides):
@@ -79,7 +80,7 @@ def prepare(argv: list[str]) -> tuple[CommandLine, list[str]]:
     cfg = line.compose()
     try:
         validate(cfg)
-    except ValueError as e:
+    except (ValueError, DatasetUnavailable) as e:
         raise UsageError(" ".join(str(e).split())) from None
     return line, [o for o in line.representative if not o.startswith("hydra.searchpath=")]
 

@@ -210,10 +210,11 @@ class Trainer:
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        self.generator.set_state(state["batch_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        # generator states are CPU byte tensors, wherever the checkpoint's tensors were mapped to
+        self.generator.set_state(state["batch_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.matrix = [list(r) for r in state["matrix"]]
         self.initial = list(state["initial"])
         self.steps = int(state["steps"])

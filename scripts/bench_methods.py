@@ -11,6 +11,8 @@
    this MLP takes, and by the generic torch.func path on --func-samples samples (with the per-sample
    time and its extrapolation to 60,000; it is linear in the number of samples).
 
+   DER, DER++ and ER-ACE replay 128 memory samples per step (DER++: two draws of 128), as the DER
+   table's P-MNIST setting, from a memory of 500. GDumb trains nothing per step (part 4).
 3. The curvature demonstration's CNN ("D3", docs/protocols/curvature.md; ``model=cnn_d3``, 2,980 parameters,
    30 outputs, 28×28 MNIST, SGD lr 0.002,
    batch 256, class-IL units of task 2): per-step time of EWC with ``method.fisher`` diag / kfac /
@@ -18,13 +20,17 @@
    representation (labels all over 10 units and sample), and one natural-gradient preconditioning
    (Fisher of a 512-sample batch + solve, damping 0.01) per representation.
 
+4. GDumb (no training steps of its own): the greedy class-balanced sampler over the --samples images
+   (memory 500, 10 classes), and one fit from scratch on the full memory (--gdumb-epochs passes,
+   batch 16, SGD momentum 0.9, SGDR: the authors' MNIST values) that precedes every evaluation.
+
 Data: the MNIST training images read by the package's loader from ``<data_dir>`` (torchvision's
 layout; padded to 32×32, normalized with Hsu et al.'s mean 0.1 / std 0.2752) when present, random
 tensors of the same shape otherwise. Usage::
 
     python scripts/bench_methods.py [--data-dir /work/shared/data] [--threads 1] [--device cpu]
         [--steps 200] [--samples 60000] [--func-samples 2000] [--fisher-batch 32 64]
-        [--skip-d3] [--only-d3] [--d3-samples 2000]
+        [--skip-d3] [--only-d3] [--d3-samples 2000] [--skip-gdumb] [--gdumb-epochs 128]
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import time
 import torch
 from torch import nn
 
+from cl_runner import curvature
+from cl_runner.curvature import estimators as per_sample
+from cl_runner.curvature.estimators import FAST_CHUNK, fisher_diagonal, mas_importance
 from cl_runner.data import transforms as T
 from cl_runner.data.datasets import DatasetUnavailable, load_dataset
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import build_method, curvature, eval_mode, per_sample
-from cl_runner.methods.per_sample import FAST_CHUNK, fisher_diagonal, mas_importance
+from cl_runner.methods import build_method, eval_mode
 from cl_runner.models import MLP, SmallCNN
 from cl_runner.trainer import Trainer
 
@@ -65,8 +73,12 @@ METHODS = [
     ("gem", {"buffer_size": 200}, 19),  # 20 tasks: 19 memories of 10 (the DER table's 200)
     ("gem", {"buffer_size": 500}, 19),  # 20 tasks: 19 memories of 25 (the DER table's 500)
     ("icarl", {"buffer_size": 500}, 1),  # BCE; domain layout: no old classes, so no frozen-copy forward
+    # P-MNIST's DER-table setting (mammoth best_args: --minibatch_size 128 at batch 128), memory of 500
+    ("der", {"replay_batch": 128}, 0),  # + 128 memory samples (logit MSE)
+    ("derpp", {"replay_batch": 128}, 0),  # + 2 × 128 memory samples (logit MSE; labels' CE)
+    ("er_ace", {"replay_batch": 128}, 0),  # + 128 memory samples; masked CE on the batch
 ]
-NO_STRENGTH = ("finetune", "replay", "agem", "gem", "icarl")
+NO_STRENGTH = ("finetune", "replay", "agem", "gem", "icarl", "der", "derpp", "er_ace")
 
 
 def load_images(data_dir: str | None, n: int) -> tuple[torch.Tensor, str]:
@@ -146,9 +158,11 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-d3", action="store_true")
     ap.add_argument("--only-d3", action="store_true", help="only part 3 (D3 CNN)")
     ap.add_argument("--d3-samples", type=int, default=2000, help="samples for the D3 Fisher timings")
+    ap.add_argument("--skip-gdumb", action="store_true")
+    ap.add_argument("--gdumb-epochs", type=int, default=128, help="passes of GDumb's fit (the authors' MNIST: 128)")
     args = ap.parse_args(argv)
     if args.only_d3:
-        args.skip_steps = args.skip_fisher = True
+        args.skip_steps = args.skip_fisher = args.skip_gdumb = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -213,6 +227,9 @@ def main(argv=None) -> None:
 
     if not args.skip_d3:
         bench_d3(args, device)
+
+    if not args.skip_gdumb:
+        bench_gdumb(args, x, y, device)
 
 
 # ---- 3. D3's CNN: structured-Fisher EWC per step, Fisher and preconditioning times ---------------
@@ -334,6 +351,27 @@ def bench_d3(args, device: torch.device) -> None:
                 s_times.append(_timed(lambda holder=holder: holder["f"].solve(grads, 0.01), device))
             fm, sm = statistics.median(f_times) * 1e3, statistics.median(s_times) * 1e3
             print(f"{kind:<14} {labels:<7} {fm:>10.1f} {sm:>9.1f}", flush=True)
+
+
+# ---- 4. GDumb: the sampler over a stream and one fit on the memory -------------------------------------
+
+
+def bench_gdumb(args, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    units = (0, 10)
+    task = Task(0, "bench", x, y, x[:10], y[:10], list(range(10)), units, units)
+    stream = TaskStream("bench", "domain", [task], 10, (1, 32, 32))
+    torch.manual_seed(0)
+    model = MLP((1, 32, 32), 10).to(device)
+    gdumb = build_method("gdumb", None, {"buffer_size": 500, "fit_epochs": args.gdumb_epochs})
+    gdumb.setup(model, stream, seed=0)
+    t_sampler = _timed(lambda: gdumb.training_data(stream, 0), device)
+    t_fit = _timed(lambda: gdumb.fit(0), device)
+    steps = args.gdumb_epochs * -(-len(gdumb.buffer) // 16)
+    print(f"\nGDumb, memory 500 of {len(x):,} samples (10 classes), MLP 1024-400-400-10")
+    print(f"{'part':<34} {'seconds':>8} {'per unit':>16}")
+    print(f"{'sampler (whole stream, once)':<34} {t_sampler:>8.2f} {t_sampler / len(x) * 1e6:>11.2f} µs/sample")
+    fit = f"fit ({args.gdumb_epochs} passes, {steps} steps)"
+    print(f"{fit:<34} {t_fit:>8.2f} {t_fit / steps * 1e3:>11.2f} ms/step")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ It also times one whole ``cl-run`` process (Python start-up, imports, data, trai
 evaluation, files) on the issue-13 workload: permuted MNIST, 3 tasks, MLP 784-400-400, SGD 0.01
 momentum 0.9, batch 128, 1 epoch per task, EWC λ = 100 with the empirical Fisher, 2 threads
 (``--whole-repeats 0`` skips it; target ≤ 12 s on a quiet 2-core CPU).
+
+``--load`` measures runs under load instead (issue 20: PyTorch's default of one OpenMP thread per core
+spins against other processes): the offline default ``cl-run`` (whole processes) alone and two at
+once, with ``threads`` unset (PyTorch's default), ``threads=1`` and ``threads=auto`` (cl-run's
+default), ``--load-repeats`` times each; it prints each setting's median wall time per run::
+
+    python scripts/bench_runner.py --load --load-repeats 3
 """
 
 from __future__ import annotations
@@ -145,6 +152,37 @@ def whole_process(data_dir: str, device: str) -> tuple[float, float]:
     return wall, inside
 
 
+def _processes(args: list[str], n: int) -> list[float]:
+    """Wall time of each of ``n`` ``cl-run`` processes with ``args`` started at the same moment."""
+    with tempfile.TemporaryDirectory() as folder:
+        procs, starts = [], []
+        for i in range(n):
+            cmd = [sys.executable, "-c", "from cl_runner.app import cli; cli()", *args, f"hydra.run.dir={folder}/{i}"]
+            starts.append(time.perf_counter())
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        times = []
+        for p, t0 in zip(procs, starts, strict=True):
+            _, err = p.communicate()
+            if p.returncode != 0:
+                sys.exit(f"cl-run failed: {err[-2000:]}")
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+LOAD_SETTINGS = {"PyTorch's default": ["threads=null"], "threads=1": ["threads=1"], "threads=auto": ["threads=auto"]}
+
+
+def load(repeats: int) -> None:
+    """The offline default run alone and two at once, per thread setting (medians over the repeats)."""
+    print(f"{'setting':<20} {'alone':>9} {'two at once (each)':>20}   (median wall time of whole cl-run processes, s)")
+    for name, args in LOAD_SETTINGS.items():
+        alone, two = [], []
+        for _ in range(repeats):  # interleaved: a drift of the machine's load hits every setting alike
+            alone += _processes(args, 1)
+            two += _processes(args, 2)
+        print(f"{name:<20} {statistics.median(alone):>9.1f} {statistics.median(two):>20.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data")
@@ -155,7 +193,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=2, help="tasks in the stream (evaluation covers all)")
     ap.add_argument("--whole-repeats", type=int, default=1, help="whole cl-run processes to time (0: none)")
+    ap.add_argument("--load", action="store_true", help="runs alone and two at once per thread setting, then stop")
+    ap.add_argument("--load-repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.load:
+        return load(args.load_repeats)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     start = time.perf_counter()

@@ -26,9 +26,9 @@ from cl_runner.methods.base import Batch, eval_mode, named_params
 from cl_runner.methods.gem import EPISODIC_STREAM, LinearFactors, gem_project, nonneg_qp, task_gradients
 from cl_runner.methods.icarl import herding
 from cl_runner.methods.lwf import LWF_STREAM, soft_cross_entropy
-from cl_runner.methods.per_sample import task_generator
 from cl_runner.models import build_model
 from cl_runner.run import run_experiment
+from cl_runner.seeding import task_generator
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
 

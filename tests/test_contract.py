@@ -24,9 +24,8 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from cl_runner import contract
+from cl_runner import contract, curvature
 from cl_runner.data.benchmarks import build_stream
-from cl_runner.methods import curvature
 from cl_runner.models import build_model
 from cl_runner.run import run_experiment
 from cl_runner.trainer import Trainer, make_optimizer_factory
@@ -191,7 +190,7 @@ def test_a_method_with_another_lambda_zero_fails(tmp_path):
     outcome = contract.lambda_zero(
         _compose, [*THREE, "method=l2", "method._target_=broken_methods.ChangesParameters"], tmp_path
     )
-    assert outcome.status == "FAIL" and "differ from finetune's" in outcome.detail, outcome.line()
+    assert outcome.status == "FAIL" and "differs from finetune's" in outcome.detail, outcome.line()
 
 
 class _Swapper:

@@ -1,4 +1,4 @@
-"""The Fisher representations of cl_runner/methods/curvature.py against brute force: per-sample
+"""The Fisher representations of cl_runner/curvature/ against brute force: per-sample
 gradients from a Python loop over samples and classes, their outer products summed; KFAC against
 dense where KFAC is exact; quadratic / matvec / solve against the dense matrix and torch.linalg."""
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cl_runner.methods import curvature
+from cl_runner import curvature
+from cl_runner.curvature import fisher_diagonal
 from cl_runner.methods.base import named_params
-from cl_runner.methods.per_sample import fisher_diagonal
 
 
 def _mlp(bias=True):

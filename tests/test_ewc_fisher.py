@@ -12,13 +12,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from cl_runner import curvature
 from cl_runner.data.benchmarks import build_stream
 from cl_runner.data.stream import Task
-from cl_runner.methods import build_method, curvature
+from cl_runner.methods import build_method
 from cl_runner.methods.base import named_params
-from cl_runner.methods.per_sample import task_generator
 from cl_runner.models import build_model
 from cl_runner.report.tb import TensorBoardLogger
+from cl_runner.seeding import task_generator
 from cl_runner.trainer import Trainer, make_optimizer_factory
 
 

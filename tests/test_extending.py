@@ -116,6 +116,11 @@ def _run(args, env, cwd, cmd=CL_RUN, timeout=300):
     )
 
 
+def _listed(line: str) -> set[str]:
+    """The options an ``error: … choose one of: a, b, c`` line lists."""
+    return set(line.strip().split("choose one of: ", 1)[1].split(", "))
+
+
 def _metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
@@ -182,7 +187,7 @@ def test_a_primary_config_of_the_users_with_its_searchpath(user, tmp_path, monke
     assert ok == 0, err
     assert "epochs: 2\n" in out and "_target_: my_methods.Decay" in out
     bad, _, err = _main(monkeypatch, capsys, "-cd", str(primary), "-cn", "mine_main", "method=nope")
-    assert bad == 2 and "choose one of: agem, broken_import, decay, ewc," in err
+    assert bad == 2 and {"broken_import", "decay", "ewc"} <= _listed(err)
 
 
 def test_a_pkg_searchpath(user, tmp_path, monkeypatch, capsys):
@@ -235,11 +240,8 @@ BAD = [
         ["method=decay", "method._target_=my_methods.Decai"],
         "error: method._target_=my_methods.Decai: module my_methods has no Decai",
     ),
-    (["method=nope"], "error: method=nope is not a known method; choose one of: agem, broken_import, decay, ewc,"),
-    (
-        ["model=nope"],
-        "model; choose one of: cnn, cnn_d3, convnet, mlp, mlp_1000, mlp_seed, mlp_seed_bn, resnet18, tinynet",
-    ),
+    (["method=nope"], "error: method=nope is not a known method; choose one of: "),
+    (["model=nope"], "error: model=nope is not a known model; choose one of: "),
 ]
 
 
@@ -255,6 +257,8 @@ def test_the_users_configs_get_the_same_one_line_errors(user, tmp_path, monkeypa
     lines = [line for line in err.splitlines() if line.strip()]
     assert exit_code == 2 and len(lines) == 1 and "Traceback" not in out + err, err
     assert lines[0].startswith(message) or message in lines[0], lines[0]
+    joined = {"method=nope": {"decay", "broken_import", "ewc", "finetune"}, "model=nope": {"tinynet", "mlp", "cnn"}}
+    assert joined.get(args[0], set()) <= _listed(lines[0]) if "choose one of" in lines[0] else True
     assert not run_dir.exists()
 
 

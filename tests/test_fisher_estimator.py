@@ -1,6 +1,7 @@
-"""EWC's ``fisher_estimator=squared_batch_grad`` (the EWC trade-off preset's estimator,
-docs/protocols/ewctradeoff.md#fisher) against a brute-force autograd loop, its data order and options,
-and the state contract of importance passes."""
+"""EWC's batch estimators against brute force: ``fisher_estimator=squared_batch_grad`` against an
+autograd loop, ``batch_label_cross_mean_sq_grad`` (the EWC trade-off notebook's,
+docs/protocols/ewctradeoff.md#fisher) against a literal re-implementation of the notebook's code; their
+data order and options, and the state contract of importance passes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 from conftest import defaults
 from test_methods import UNITS, assert_dicts_close, make_model, make_task
-from torch import nn
+from torch import autograd, nn
+from torch.nn import functional as F
 
+from cl_runner.curvature import estimators as ps
 from cl_runner.methods import build_method, eval_mode
-from cl_runner.methods import per_sample as ps
 from cl_runner.methods.ewc import EWC
 from cl_runner.methods.online_ewc import OnlineEWC
 
@@ -148,7 +150,8 @@ def test_importance_pass_leaves_the_model_as_it_found_it():
     [
         (
             {"fisher_estimator": "batch"},
-            "method.fisher_estimator='batch' is not valid; choose one of: per_sample, squared_batch_grad",
+            "method.fisher_estimator='batch' is not valid; choose one of: per_sample, squared_batch_grad, "
+            "batch_label_cross_mean_sq_grad",
         ),
         (
             {"fisher_estimator": "squared_batch_grad", "fisher_labels": "all"},
@@ -164,6 +167,15 @@ def test_importance_pass_leaves_the_model_as_it_found_it():
             "method.fisher_samples applies to fisher_estimator=per_sample only; with squared_batch_grad set "
             "sq_grad_batches and sq_grad_batch_size (fisher_samples=null)",
         ),
+        (
+            {"fisher_estimator": "batch_label_cross_mean_sq_grad", "fisher_labels": "all"},
+            "method.fisher_labels=all does not apply to fisher_estimator=batch_label_cross_mean_sq_grad; "
+            "choose one of: true, pred, sample",
+        ),
+        (
+            {"fisher_estimator": "batch_label_cross_mean_sq_grad", "fisher_labels": "true", "fisher": "kfac"},
+            "method.fisher=kfac needs fisher_estimator=per_sample (batch_label_cross_mean_sq_grad is diagonal only)",
+        ),
         ({"sq_grad_batches": 0}, "method.sq_grad_batches=0 must be a positive integer"),
         (
             {"sq_grad_batch_size": 2.5},
@@ -175,3 +187,62 @@ def test_bad_estimator_options_give_one_clear_line(options, message):
     with pytest.raises(ValueError) as err:
         build_method("ewc", 1.0, options)
     assert str(err.value) == message
+
+
+# ---- the D2 notebook's estimator -----------------------------------------------------------------
+
+
+def notebook_update_fisher_params(model, batches):
+    """The notebook's ``_update_fisher_params`` as it writes it, over the given (input, target) batches:
+    each batch's log-softmax indexed with the batch's label vector, stacked, one mean, one gradient,
+    squared."""
+    log_liklihoods = []
+    for input, target in batches:
+        output = F.log_softmax(model(input), dim=1)
+        log_liklihoods.append(output[:, target])
+    log_likelihood = torch.cat(log_liklihoods).mean()
+    grad_log_liklihood = autograd.grad(log_likelihood, model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    return {name: g.data.clone() ** 2 for name, g in zip(names, grad_log_liklihood, strict=True)}
+
+
+ALL_UNITS = (0, 6)  # the notebook's log-softmax runs over every output (one shared head)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+@pytest.mark.parametrize("batch_size, n_batches", [(7, 2), (5, 3)])
+def test_batch_label_cross_mean_equals_the_notebooks_code(batch_norm, batch_size, n_batches):
+    model, task = make_model(batch_norm=batch_norm), make_task(n=23, units=ALL_UNITS)
+    x, y = task.x_train, task.y_train
+    opts = {"fisher_labels": "true", "sq_grad_batch_size": batch_size, "sq_grad_batches": n_batches}
+    ewc = EWC(1.0, **defaults("ewc", fisher_estimator="batch_label_cross_mean_sq_grad", **opts))
+    got = ewc.fisher(model, task)
+    ref = copy.deepcopy(model).eval()
+    batches = [(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, batch_size * n_batches, batch_size)]
+    want = notebook_update_fisher_params(ref, batches)
+    assert set(got) == set(want)
+    assert_dicts_close(got, want)
+    assert all(v.abs().sum() > 0 for v in got.values())
+    # a batch's matrix holds every sample × every label of the batch: not the one-label-per-sample estimate
+    one_label = squared_batch_grad(model, x, y, ALL_UNITS, "true", batch_size, n_batches)
+    assert any(not torch.allclose(got[n], one_label[n]) for n in got)
+
+
+def test_batch_label_cross_mean_with_a_short_last_batch_and_a_sub_range_of_units():
+    """Where the notebook's stacking cannot go (a last batch shorter than the others) the scalar is the
+    mean over all (sample, batch label) pairs; outputs restricted to the task's units."""
+    model, task = make_model(), make_task(n=23)  # UNITS = (2, 5); batches of 7, 7, 7, 2
+    x, y = task.x_train, task.y_train
+    with eval_mode(model):
+        got = ps.batch_label_cross_mean_sq_grad(model, x, y, UNITS, "true", 7, 9)
+    ref = copy.deepcopy(model).eval()
+    params = list(ref.parameters())
+    total, pairs = 0.0, 0
+    for s in range(0, 23, 7):
+        logp = torch.log_softmax(ref(x[s : s + 7])[:, UNITS[0] : UNITS[1]], 1)
+        for n in range(len(logp)):  # every sample × every label of its batch, one by one
+            for m in range(len(logp)):
+                total, pairs = total + logp[n, y[s + m] - UNITS[0]], pairs + 1
+    want = [g**2 for g in torch.autograd.grad(total / pairs, params)]
+    assert pairs == 3 * 49 + 4
+    assert_dicts_close(got, dict(zip((n for n, _ in ref.named_parameters()), want, strict=True)))

@@ -12,22 +12,17 @@ from conftest import defaults
 from omegaconf import OmegaConf
 from torch import nn
 
+from cl_runner.curvature import FISHER_LABELS, fisher_diagonal, fisher_labels, mas_importance
+from cl_runner.curvature import estimators as ps
 from cl_runner.data.stream import Task, TaskStream, assign_units
 from cl_runner.methods import build_method, eval_mode
-from cl_runner.methods import per_sample as ps
 from cl_runner.methods.ewc import EWC
 from cl_runner.methods.l2 import L2
 from cl_runner.methods.mas import MAS
 from cl_runner.methods.online_ewc import OnlineEWC
-from cl_runner.methods.per_sample import (
-    FISHER_LABELS,
-    fisher_diagonal,
-    fisher_labels,
-    mas_importance,
-    task_generator,
-)
 from cl_runner.methods.si import SI
 from cl_runner.models import MLP
+from cl_runner.seeding import task_generator
 
 SHAPE = (1, 3, 3)
 N_OUT = 6
@@ -180,7 +175,7 @@ class SmallConv(nn.Module):
 
 @pytest.mark.parametrize("labels", FISHER_LABELS)
 def test_conv_fisher_by_layers_equals_brute_force_loop(labels, monkeypatch):
-    from cl_runner.methods import curvature
+    from cl_runner.curvature import estimators as curvature
 
     taken = []
     real = curvature.diagonal_by_layers

@@ -12,8 +12,9 @@ import torch
 from conftest import compose_config
 from torch import nn
 
+from cl_runner import curvature
 from cl_runner.data.benchmarks import build_stream
-from cl_runner.methods import build_method, curvature
+from cl_runner.methods import build_method
 from cl_runner.methods.base import Batch
 from cl_runner.models import build_model
 from cl_runner.trainer import Trainer, make_optimizer_factory, task_loss

@@ -15,8 +15,8 @@ from torch import nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods import build_method
-from cl_runner.methods.per_sample import task_generator
 from cl_runner.methods.scp import random_slices
+from cl_runner.seeding import task_generator
 
 
 def make_task(x, y, task_id=0, units=(0, 3)):

@@ -31,7 +31,7 @@ D2 = {
     "epochs": 4,
     "ewc": {
         "half": True,
-        "fisher_estimator": "squared_batch_grad",
+        "fisher_estimator": "batch_label_cross_mean_sq_grad",  # the notebook's (corrected D2, 2026-12-02)
         "fisher_labels": "true",
         "sq_grad_batch_size": 100,
         "sq_grad_batches": 2,
@@ -94,7 +94,7 @@ def test_ewc_demo_presets_follow_their_protocols(preset, want, method):
 def test_tradeoff_sweep_overrides_lambda_only():
     for lam in (1000, 10000, 100000):
         cfg = compose(f"experiment={TRADEOFF}", "method=ewc", f"lambda={lam}")
-        assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "squared_batch_grad"
+        assert cfg["lambda"] == lam and cfg["method"]["fisher_estimator"] == "batch_label_cross_mean_sq_grad"
 
 
 # docs/protocols/curvature.md (D3)

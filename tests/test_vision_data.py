@@ -230,8 +230,108 @@ def test_truncated_file_is_reported_as_unreadable(tmp_path):
     write_mnist_like(tmp_path, "mnist")
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(DatasetUnavailable, match=r"^mnist: the files in .*MNIST/raw cannot be read"):
+    with pytest.raises(DatasetUnavailable) as e:
         load_dataset("mnist", str(tmp_path), download=False, seed=0)
+    assert str(e.value) == (
+        f"mnist: {path} cannot be read: its header's sizes 60×28×28 need 47040 bytes of data, the file holds 984 "
+        "(truncated or damaged); delete it and download again"
+    )
+
+
+def _damage(root: Path, stem: str, data: bytes) -> Path:
+    path = root / "MNIST" / "raw" / stem
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "stem,make,problem",
+    [
+        (
+            "train-images-idx3-ubyte",
+            lambda b: b"\x00\x00\x09\x03" + b[4:],
+            "bad IDX header: magic bytes 00 00 09 03, expected 00 00 08 03",
+        ),
+        (
+            "train-labels-idx1-ubyte",
+            lambda b: b"\x00\x00\x08\x03" + b[4:],
+            "bad IDX header: magic bytes 00 00 08 03, expected 00 00 08 01",
+        ),
+        ("t10k-images-idx3-ubyte", lambda b: gzip.compress(b), "gzip-compressed under the decompressed file's name"),
+        ("t10k-labels-idx1-ubyte", lambda b: b"", "the file is empty"),
+        ("t10k-labels-idx1-ubyte", lambda b: b[:6], "bad IDX header: 6 bytes, the header alone needs 8"),
+        ("train-labels-idx1-ubyte", lambda b: b + b"\x00", "need 60 bytes of data, the file holds 61"),
+    ],
+    ids=["images magic", "labels dims", "gzip", "empty", "short header", "extra byte"],
+)
+def test_damaged_idx_file_is_named_with_what_is_wrong(tmp_path, stem, make, problem):
+    write_mnist_like(tmp_path, "mnist")
+    path = tmp_path / "MNIST" / "raw" / stem
+    _damage(tmp_path, stem, make(path.read_bytes()))
+    with pytest.raises(DatasetUnavailable) as e:
+        load_dataset("mnist", str(tmp_path), download=False, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"mnist: {path} cannot be read: ") and problem in msg, msg
+
+
+def test_idx_files_that_do_not_fit_together_are_refused(tmp_path):
+    write_mnist_like(tmp_path, "mnist")
+    labels = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(idx_bytes(np.arange(59, dtype=np.uint8) % 10))
+    with pytest.raises(
+        DatasetUnavailable, match=r"train-images-idx3-ubyte holds 60 images but .*train-labels-idx1-ubyte 59 labels"
+    ):
+        load_dataset("mnist", str(tmp_path), download=False, seed=0)
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    write_mnist_like(tmp_path, "mnist")
+    images.write_bytes(idx_bytes(np.zeros((20, 32, 32), np.uint8)))
+    with pytest.raises(DatasetUnavailable, match=r"t10k-images-idx3-ubyte holds 32×32 images, mnist's are 28×28"):
+        load_dataset("mnist", str(tmp_path), download=False, seed=0)
+
+
+@pytest.mark.parametrize("benchmark", ["split_mnist", "permuted_mnist"])
+def test_labels_out_of_range_are_refused_not_dropped(tmp_path, benchmark):
+    """Labels 10 and 200 in MNIST's training labels: split used to drop them silently, permuted to fail
+    with a traceback; both refuse, naming the file."""
+    arrays = write_mnist_like(tmp_path, "mnist")
+    y = arrays["y_train"].copy()
+    y[[3, 7]] = [10, 200]
+    labels = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(idx_bytes(y))
+    with pytest.raises(DatasetUnavailable) as e:
+        build_stream(bench_cfg(benchmark), "class", 0, "cpu", str(tmp_path), download=False)
+    assert str(e.value) == (
+        f"mnist: {labels}: 2 labels out of range for 10 classes (0..9): 10, 200; the file is damaged or not this "
+        "dataset's"
+    )
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path, monkeypatch):
+    arrays = write_cifar(tmp_path, "cifar10")
+    folder = arrays["folder"]
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": arrays["x_test"], "labels": [11] + arrays["y_test"].tolist()[1:]}, f)
+    accept_fake_cifar(monkeypatch, folder, "cifar10")
+    with pytest.raises(
+        DatasetUnavailable,
+        match=r"^cifar10: .*cifar-10-batches-py \(test labels\): 1 labels out of range for 10 classes \(0..9\): 11",
+    ):
+        load_dataset("cifar10", str(tmp_path), download=False, seed=0)
+
+
+def test_check_data_reads_and_keeps_the_dataset_for_the_run(data, monkeypatch):
+    from cl_runner.data import benchmarks as B
+
+    root, _ = data
+    calls = []
+    real = B.load_dataset
+    monkeypatch.setattr(B, "load_dataset", lambda *a: calls.append(a) or real(*a))
+    cfg = bench_cfg("split_mnist")
+    B.check_data(cfg, str(root), download=False, seed=0)
+    s = build_stream(cfg, "class", seed=0, device="cpu", data_dir=str(root), download=False)
+    assert len(calls) == 1 and len(s) == 5
+    with pytest.raises(DatasetUnavailable, match="^mnist: files not found in"):
+        B.check_data(cfg, str(root / "elsewhere"), download=False)
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -1,5 +1,10 @@
 """Datasets as whole tensors: each loader returns images scaled to [0, 1] with shape (N, C, H, W)
-and integer labels, read once. Loaders register themselves in ``LOADERS`` by name."""
+and integer labels, read once. Loaders register themselves in ``LOADERS`` by name, with what is
+known about the dataset without reading it (``INFO``: image shape, class count, split sizes), so that
+a benchmark's options, the model's fit and the task stream's memory are checked before a run starts.
+
+A dataset whose labels fall outside ``0..n_classes-1`` is refused (:func:`check_labels`), never
+cut down silently."""
 
 from __future__ import annotations
 
@@ -11,40 +16,78 @@ from torch import Tensor
 
 
 class DatasetUnavailable(RuntimeError):
-    """The dataset's files are missing and cannot be downloaded; the message says what to do."""
+    """The dataset's files are missing, damaged or cannot be downloaded; the one-line message names
+    the file or folder and says what to do."""
 
 
 @dataclass
 class RawDataset:
     name: str
-    x_train: Tensor  # float32 (N, C, H, W) in [0, 1]
+    x_train: Tensor  # float32 (N, C, H, W) in [0, 1]; (N, D) for feature vectors (user arrays)
     y_train: Tensor  # int64 (N,)
     x_test: Tensor
     y_test: Tensor
     n_classes: int
+    t_train: Tensor | None = None  # int64 (N,) task ids 0..T-1, when the data come with their own tasks
+    t_test: Tensor | None = None
+    source: str = ""  # where the data came from (a file, a dataset class), for messages
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known about a registered dataset without reading it."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of one image
+    n_classes: int
+    n_train: int  # sizes of the two splits (for the memory estimate)
+    n_test: int
 
 
 Loader = Callable[..., RawDataset]
 LOADERS: dict[str, Loader] = {}
+INFO: dict[str, DatasetInfo] = {}
 #: image shape (C, H, W) of each dataset, known without reading it (checks before a run starts)
 SHAPES: dict[str, tuple[int, int, int]] = {}
 
 
-def register(name: str, shape: tuple[int, int, int]) -> Callable[[Loader], Loader]:
+def register(
+    name: str, shape: tuple[int, int, int], n_classes: int = 10, sizes: tuple[int, int] = (0, 0)
+) -> Callable[[Loader], Loader]:
+    """Register a loader ``(data_dir, download, seed) -> RawDataset`` under ``name``, with the image
+    shape, the number of classes and the (train, test) sizes of its splits."""
+
     def wrap(fn: Loader) -> Loader:
         LOADERS[name], SHAPES[name] = fn, tuple(shape)
+        INFO[name] = DatasetInfo(tuple(shape), int(n_classes), int(sizes[0]), int(sizes[1]))
         return fn
 
     return wrap
 
 
+def check_labels(y: Tensor, n_classes: int, where: str) -> None:
+    """DatasetUnavailable naming ``where`` if a label is outside 0..n_classes-1 (never dropped silently)."""
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        bad = y[(y < 0) | (y >= n_classes)]
+        values = ", ".join(str(v) for v in sorted(set(bad[:1000].tolist()))[:5])
+        raise DatasetUnavailable(
+            f"{where}: {len(bad)} labels out of range for {n_classes} classes (0..{n_classes - 1}): {values}; "
+            "the file is damaged or not this dataset's"
+        )
+
+
 def load_dataset(name: str, data_dir: str, download: bool, seed: int) -> RawDataset:
     if name not in LOADERS:
-        raise ValueError(f"benchmark dataset {name!r} is unknown; choose one of: {', '.join(sorted(LOADERS))}")
-    return LOADERS[name](data_dir=data_dir, download=download, seed=seed)
+        raise ValueError(f"benchmark.dataset={name!r} is unknown; choose one of: {', '.join(sorted(LOADERS))}")
+    raw = LOADERS[name](data_dir=data_dir, download=download, seed=seed)
+    for split in ("train", "test"):
+        check_labels(getattr(raw, f"y_{split}"), raw.n_classes, f"{name} ({split} labels)")
+    return raw
 
 
-@register("digits", shape=(1, 8, 8))
+@register("digits", shape=(1, 8, 8), n_classes=10, sizes=(1258, 539))
 def load_digits(data_dir: str, download: bool, seed: int, test_fraction: float = 0.3) -> RawDataset:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download). The test split
     holds ``test_fraction`` of each class, drawn with a generator seeded by ``seed``."""

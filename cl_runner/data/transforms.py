@@ -1,4 +1,5 @@
-"""Task transforms as whole-tensor operations on (N, C, H, W) images; applied once per task."""
+"""Task transforms as whole-tensor operations on (N, C, H, W) images, applied once per task; the
+permutation and the normalization also take (N, D) feature vectors (one channel of D values)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ def pad(x: Tensor, to: int) -> Tensor:
 
 def permute_pixels(x: Tensor, perm: Tensor) -> Tensor:
     """Apply one fixed permutation to the flattened pixels (all channels alike), as one gather
-    (faster on the CPU than advanced indexing along the last dimension; the same values)."""
+    (faster on the CPU than advanced indexing along the last dimension; the same values). Feature
+    vectors (N, D): the permutation of the D values."""
+    if x.dim() == 2:
+        return x.gather(1, perm.to(x.device).expand(x.shape[0], x.shape[1]))
     n, c, h, w = x.shape
     index = perm.to(x.device).expand(n, c, h * w)
     return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
@@ -30,14 +34,24 @@ def pixel_permutation(n_pixels: int, generator: torch.Generator) -> Tensor:
     return torch.randperm(n_pixels, generator=generator)
 
 
+def pixel_count(x: Tensor) -> int:
+    """The number of positions a permutation acts on: H·W for images, D for feature vectors."""
+    return x.shape[-1] * x.shape[-2] if x.dim() == 4 else x.shape[-1]
+
+
 def normalize(x: Tensor, mean: float | list[float], std: float | list[float]) -> Tensor:
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    """(x - mean) / std per channel (one value, or one per channel); feature vectors have one channel."""
+    shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(shape)
     return (x - mean_t) / std_t
 
 
 def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a batch of images (used for ``normalize: auto``)."""
+    """Per-channel mean and std of a batch of images (used for ``normalize: auto``); feature vectors
+    (N, D): one mean and one std over all their values."""
+    if x.dim() == 2:
+        return [x.mean().item()], [x.std().item()]
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
 
 

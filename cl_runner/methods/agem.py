@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from cl_runner.methods.base import Batch, cross_entropy, named_params
+from cl_runner.methods.checks import check_count
 from cl_runner.methods.gem import EpisodicMethod, flat_grad, write_flat_grad
-from cl_runner.methods.regularizer import check_count
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:

@@ -39,8 +39,7 @@ state is not in its attributes overrides both.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
+from cl_runner.models.params import eval_mode, named_params
+
+__all__ = ["Batch", "Method", "TrainingData", "cross_entropy", "eval_mode", "named_params"]
 
 
 @dataclass
@@ -186,27 +188,3 @@ def cross_entropy(logits: Tensor, y: Tensor, units: tuple[int, int], sample_unit
     unit = torch.arange(logits.shape[1], device=logits.device)
     active = (unit >= sample_units[:, :1]) & (unit < sample_units[:, 1:])
     return F.cross_entropy(logits.masked_fill(~active, float("-inf")), y)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for an importance pass; afterwards restores each module's own training flag and
-    the very ``nn.Parameter`` objects it held (the optimizer holds those: a pass through
-    ``torch.func.functional_call`` that leaves a plain tensor behind would silently stop training
-    that layer)."""
-    modes = [m.training for m in model.modules()]
-    held = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in zip(model.modules(), modes, strict=True):
-            m.training = mode
-        for m, name, p in held:
-            if m._parameters.get(name) is not p:
-                m._parameters[name] = p
-
-
-def named_params(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters by name, in a stable order."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -7,7 +7,7 @@
 - Memory grows with the number of tasks: one anchor and one Fisher (each the size of the model)
   per past task are kept (online EWC keeps one). The per-step cost does not grow: the terms are
   merged into one quadratic with the same value and gradient (``regularizer.QuadraticPenalty``).
-- Fisher (``cl_runner.methods.per_sample.fisher_diagonal``): mean over samples of *per-sample*
+- Fisher (``cl_runner.curvature.fisher_diagonal``): mean over samples of *per-sample*
   squared gradients of log p(ŷ|x) (never a squared mini-batch gradient), p = softmax over the
   task's active units ``task.units`` (its head in task-IL, the seen classes in class-IL), in eval
   mode. ``fisher_labels`` picks ŷ: ``true`` = dataset label (empirical Fisher), ``pred`` = the
@@ -23,14 +23,26 @@
   once the task is learned; so it is about |X_b| times smaller than the per-sample Fisher (λ means
   something else) and, from 2 batches, noisy. ``fisher_labels`` true | pred | sample (not all);
   ``fisher_samples`` must stay null (the batches fix the samples). Eval mode as well.
+- ``fisher_estimator=batch_label_cross_mean_sq_grad`` is what the seeds' EWC trade-off notebook
+  computes (PROTOCOLS.md D2, its ``_update_fisher_params``), kept only to reproduce that picture. For
+  each of the same first B batches of 100 it takes ``log_softmax(model(x))[:, target]``: indexed with
+  the batch's whole label *vector*, this is a 100 × 100 matrix, every sample's log-probability of
+  every label present in the batch (not one entry per sample). It stacks the B matrices, takes the
+  mean of all their entries (one scalar L for all batches at once), differentiates L and squares the
+  gradient: F_i = (∂L/∂θ_i)², L = 1/Σ_b |X_b|² Σ_b Σ_{n,m∈X_b} log p(ŷ_m|x_n). ``squared_batch_grad``
+  instead gathers one label per sample and averages the squares of per-batch gradients. Per sample, L
+  is the log-likelihood of the batch's label histogram (≈ the mean of log p(c|x) over the classes),
+  whose gradient stays large at a trained model where a true-label gradient is near zero: F is much
+  larger, so λ means something else again. The notebook's penalty is (λ/2)·Σ F (θ − θ*)², i.e.
+  ``half=true``. Same options and restrictions as ``squared_batch_grad`` (its ŷ: ``true``).
 - Defaults (configs/method/ewc.yaml, which explains them): half=true (Kirkpatrick's and van de
   Ven's λ/2; Hsu et al. use half=false), fisher_estimator=per_sample, fisher_labels=all (the exact
   Fisher, Kirkpatrick's definition; the presets set their papers' ``pred``), all training samples.
   The constructor has no defaults of its own (the YAML is the one place). ``fisher_batch`` bounds
   the per-sample gradients held in memory at once by the ``torch.func`` path (for ``all``:
   fisher_batch // K samples × K classes); Linear-only models take an exact closed form that holds
-  none (see per_sample.py).
-- ``fisher``: the representation of F_k (``cl_runner/methods/curvature.py``): ``diag`` (the code
+  none (see cl_runner/curvature/estimators.py).
+- ``fisher``: the representation of F_k (``cl_runner/curvature/``): ``diag`` (the code
   path above, the default), ``kfac`` (per Linear/Conv2d layer G ⊗ A, the rest diagonal) or
   ``dense`` (P × P, refused above 20,000 parameters). With kfac/dense the penalty is
   λ · s · Σ_{k<t} (θ − θ*_k)ᵀ F_k (θ − θ*_k), one term per past task (a matvec each per step), and
@@ -43,23 +55,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner import curvature
+from cl_runner.curvature import BATCH_ESTIMATORS, FISHER_ESTIMATORS, FISHER_LABELS, fisher_diagonal
 from cl_runner.data.stream import Task
-from cl_runner.methods import curvature
 from cl_runner.methods.base import eval_mode, named_params
-from cl_runner.methods.per_sample import (
-    FISHER_ESTIMATORS,
-    FISHER_LABELS,
-    choose_subset,
-    fisher_diagonal,
-    squared_batch_grad,
-    task_generator,
-)
-from cl_runner.methods.regularizer import (
-    QuadraticPenalty,
-    check_choice,
-    check_count,
-    snapshot,
-)
+from cl_runner.methods.checks import check_choice, check_count
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 class EWC(QuadraticPenalty):
@@ -86,24 +88,28 @@ class EWC(QuadraticPenalty):
         self.fisher_estimator = check_choice("fisher_estimator", fisher_estimator, FISHER_ESTIMATORS)
         self.sq_grad_batch_size = check_count("sq_grad_batch_size", sq_grad_batch_size)
         self.sq_grad_batches = check_count("sq_grad_batches", sq_grad_batches)
-        if self.fisher_estimator == "squared_batch_grad":
-            if self.fisher_kind != "diag":
-                raise ValueError(
-                    f"method.fisher={fisher} needs fisher_estimator=per_sample (squared_batch_grad is diagonal only)"
-                )
-            if self.fisher_labels == "all":
-                raise ValueError(
-                    "method.fisher_labels=all does not apply to fisher_estimator=squared_batch_grad; "
-                    "choose one of: true, pred, sample"
-                )
-            if self.fisher_samples is not None:
-                raise ValueError(
-                    "method.fisher_samples applies to fisher_estimator=per_sample only; with "
-                    "squared_batch_grad set sq_grad_batches and sq_grad_batch_size (fisher_samples=null)"
-                )
+        if self.fisher_estimator != "per_sample":
+            self._check_batch_estimator()
         self._terms: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
         self._latest: dict[str, Tensor] = {}
         self._curv_terms: list[curvature.Term] = []  # fisher=kfac/dense: (θ*_k, F_k, weight)
+
+    def _check_batch_estimator(self) -> None:
+        """The batch estimators (BATCH_ESTIMATORS): diagonal, a label vector (not `all`), the first batches."""
+        est = self.fisher_estimator
+        if self.fisher_kind != "diag":
+            raise ValueError(
+                f"method.fisher={self.fisher_kind} needs fisher_estimator=per_sample ({est} is diagonal only)"
+            )
+        if self.fisher_labels == "all":
+            raise ValueError(
+                f"method.fisher_labels=all does not apply to fisher_estimator={est}; choose one of: true, pred, sample"
+            )
+        if self.fisher_samples is not None:
+            raise ValueError(
+                f"method.fisher_samples applies to fisher_estimator=per_sample only; with {est} set "
+                "sq_grad_batches and sq_grad_batch_size (fisher_samples=null)"
+            )
 
     def setup(self, model: nn.Module, stream, seed: int = 0) -> None:
         super().setup(model, stream, seed)
@@ -117,9 +123,10 @@ class EWC(QuadraticPenalty):
         """Diagonal Fisher of ``task`` at the model's current parameters (eval mode, state kept)."""
         g = task_generator(self.seed, task.id)
         x, y = task.x_train, task.y_train
-        if self.fisher_estimator == "squared_batch_grad":
+        if self.fisher_estimator != "per_sample":
+            estimate = BATCH_ESTIMATORS[self.fisher_estimator]
             with eval_mode(model):
-                return squared_batch_grad(
+                return estimate(
                     model, x, y, task.units, self.fisher_labels, self.sq_grad_batch_size, self.sq_grad_batches, g
                 )
         idx = choose_subset(len(x), self.fisher_samples, g)

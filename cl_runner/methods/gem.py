@@ -61,9 +61,9 @@ from torch.func import functional_call, grad, vmap
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method, named_params
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_count
+from cl_runner.methods.checks import check_count
 from cl_runner.options import Float, check
+from cl_runner.seeding import task_generator
 
 #: ``task_generator``'s task id for the episodic memory's draws
 EPISODIC_STREAM = (1 << 20) + 16

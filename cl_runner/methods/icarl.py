@@ -64,8 +64,8 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method, TrainingData, eval_mode
+from cl_runner.methods.checks import check_bool, check_choice, check_count
 from cl_runner.methods.lwf import add_weight_decay, frozen_copy, head_inputs
-from cl_runner.methods.regularizer import check_bool, check_choice, check_count
 from cl_runner.options import Float, check
 
 EXEMPLAR_INPUTS = ("stored", "uint8_truncated")

@@ -17,7 +17,7 @@ import torch
 
 from cl_runner.data.stream import TaskStream
 from cl_runner.methods.base import Method, TrainingData
-from cl_runner.methods.regularizer import check_choice
+from cl_runner.methods.checks import check_choice
 
 MODES = ("cumulative", "all")
 

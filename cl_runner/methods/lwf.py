@@ -50,9 +50,9 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method, cross_entropy, eval_mode, named_params
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_choice, check_count
+from cl_runner.methods.checks import MAX_COUNT, check_choice, check_count
 from cl_runner.options import Float, Int, check
+from cl_runner.seeding import task_generator
 
 CE_UNITS = ("active", "seen")
 #: ``task_generator``'s task id for the warm-up's shuffles
@@ -118,7 +118,7 @@ class LwF(Method):
         super().__init__(strength)
         self.temperature = float(check("method.temperature", temperature, Float(lo=0.0, lo_open=True)))
         self.ce_units = check_choice("ce_units", ce_units, CE_UNITS)
-        self.warmup_epochs = check("method.warmup_epochs", warmup_epochs, Int(lo=0))
+        self.warmup_epochs = check("method.warmup_epochs", warmup_epochs, Int(lo=0, hi=MAX_COUNT))
         self.warmup_lr = float(check("method.warmup_lr", warmup_lr, Float(lo=0.0, lo_open=True)))
         self.warmup_batch = check_count("warmup_batch", warmup_batch)
         self.wd_reg = float(check("method.wd_reg", wd_reg, Float(lo=0.0)))

@@ -1,7 +1,7 @@
 """MAS, Memory Aware Synapses (Aljundi et al. 2018, eq. 2–4 and 6): importance from the
 sensitivity of the squared output norm, which needs no labels.
 
-Importance of task t (``cl_runner.methods.per_sample.mas_importance``, eval mode, outputs
+Importance of task t (``cl_runner.curvature.mas_importance``, eval mode, outputs
 restricted to the task's active units ``task.units``):
 
 - per_sample=true (default, Aljundi's eq. 4):  Ω_t,i = 1/N Σ_n | ∂ ‖f(x_n)‖²₂ / ∂θ_i |
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner.curvature import mas_importance
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import eval_mode
-from cl_runner.methods.per_sample import choose_subset, mas_importance, task_generator
-from cl_runner.methods.regularizer import QuadraticPenalty, check_bool, check_count, snapshot
+from cl_runner.methods.checks import check_bool, check_count
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 class MAS(QuadraticPenalty):

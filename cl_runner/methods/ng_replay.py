@@ -10,7 +10,7 @@ the backward pass the gradient g = ∇ L_B(θ) of the mean loss over B is replac
 softmax over its own units (those the task loss uses), in the representation ``fisher``:
 ``diag`` (δ added to the diagonal, an elementwise division), ``kfac`` (per layer A ⊗ G, solved
 exactly through the eigenvectors of A and G) or ``dense`` (P × P, for small models: refused above
-the limit with the parameter count). ``cl_runner/methods/curvature.py`` computes F and the solve.
+the limit with the parameter count). ``cl_runner/curvature/`` computes F and the solve.
 ``fisher_labels`` chooses how the expectation over c is taken: ``sample`` (default: one label drawn
 from the softmax per sample, an unbiased estimate; one backward per step, and for ``dense`` a
 |B|-row factor, solved by Woodbury), ``all`` (the exact sum over the active units: |units|
@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_runner import curvature
+from cl_runner.curvature import FISHER_LABELS
 from cl_runner.data.stream import Task, TaskStream
-from cl_runner.methods import curvature
 from cl_runner.methods.base import Batch, named_params
-from cl_runner.methods.per_sample import FISHER_LABELS, task_generator
-from cl_runner.methods.regularizer import check_choice, check_count, check_range
+from cl_runner.methods.checks import check_choice, check_count, check_range
 from cl_runner.methods.replay import REPLAY_STREAM, Replay
+from cl_runner.seeding import task_generator
 
 FISHERS = ("diag", "kfac", "dense")
 

@@ -13,7 +13,7 @@ Penalty while training task t+1:
 ``gamma_in_penalty=true`` is Schwarz et al.'s and van de Ven's form (the stored F̃ is decayed once
 more inside the penalty); with the default γ = 1 (Hsu et al.: Fisher summed over tasks, no decay)
 the two coincide. Options as EWC plus ``gamma`` ∈ [0, 1] and ``gamma_in_penalty``. With
-``fisher=kfac|dense`` F̃ is a :class:`~cl_runner.methods.curvature.Curvature` (``scale_``/``add_``):
+``fisher=kfac|dense`` F̃ is a :class:`~cl_runner.curvature.Curvature` (``scale_``/``add_``):
 exact for dense (one matrix); for kfac a sum of Kronecker terms per layer, one per task seen (a
 sum of Kronecker products is no Kronecker product), so its per-step cost grows with the tasks.
 ``importance()``: F̃ (without the extra γ).
@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cl_runner import curvature
 from cl_runner.data.stream import Task
-from cl_runner.methods import curvature
+from cl_runner.methods.checks import check_bool, check_range
 from cl_runner.methods.ewc import EWC
-from cl_runner.methods.regularizer import check_bool, check_range, snapshot
+from cl_runner.methods.regularizer import snapshot
 
 
 class OnlineEWC(EWC):

@@ -1,4 +1,4 @@
-"""The quadratic penalty shared by L2, EWC, online EWC, MAS and SI, and option checks.
+"""The quadratic penalty shared by L2, EWC, online EWC, MAS, SI, RWalk and SCP.
 
     R(θ) = s · Σ_k Σ_i Ω_k,i (θ_i − θ*_k,i)²,   s = ½ if ``half`` else 1
 
@@ -18,12 +18,12 @@ and gradient,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cl_runner.methods.base import Method, named_params
+from cl_runner.methods.checks import check_bool
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -97,40 +97,3 @@ class QuadraticPenalty(Method):
         if self._const is not None:
             total = total + self._const
         return scale * total
-
-
-# ---- option checks: one line naming the key and the valid values ----------------------------------
-
-
-def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value is True and "true" in choices:  # YAML/Hydra read a bare `true` as a boolean
-        value = "true"
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-    return value
-
-
-def check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"method.{key}={value!r} must be true or false")
-    return value
-
-
-def check_count(key: str, value: Any, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer" + (" or null (all)" if allow_none else "")
-        raise ValueError(f"method.{key}={value!r} must be {allowed}")
-    return int(value)
-
-
-def check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ValueError(f"method.{key}={value!r} must be a number in {interval}")
-    return value

@@ -21,9 +21,19 @@ task j at that point, ``stream.eval_units(t, j)``: in class-IL all classes seen 
 unit keeps competing with the new ones); in task-IL task j's own head; in domain-IL the shared head.
 When those differ from the batch's units (task-IL) the batch carries one range per sample.
 
-Random draws (reservoir and replay) come from one CPU generator seeded from the run's seed, never
-from the global RNG; the memory and the generator's state are part of the checkpoint, so a resumed
-run continues the same draws. No strength: ``lambda`` is refused.
+This is the DER paper's ER (Buzzega et al. 2020, Table 2; mammoth c66408f ``models/er.py``): with
+``replay_batch`` = mammoth's ``--minibatch_size`` a step computes what mammoth's ``observe`` does —
+the mean cross-entropy over cat(batch, min(minibatch_size, memory filled) memory samples drawn
+without replacement), over the whole head in the table's settings (S-MNIST with
+``active_units=all``, P-/R-MNIST's shared head), then the batch alone offered to the reservoir
+after the optimizer step (tests/test_baselines_b.py checks one step against that code). mammoth
+draws from numpy's global RNG, sample by sample; the distributions are the same.
+
+The memory is the shared :class:`~cl_runner.methods.memory.ReservoirMemory` (``self.buffer``;
+``memory``, ``n_seen`` and ``filled`` read it). Random draws (reservoir and replay) come from one
+CPU generator seeded from the run's seed, never from the global RNG; the memory and the
+generator's state are part of the checkpoint, so a resumed run continues the same draws. No
+strength: ``lambda`` is refused.
 """
 
 from __future__ import annotations
@@ -36,30 +46,14 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task, TaskStream
 from cl_runner.methods.base import Batch, Method
-from cl_runner.methods.per_sample import task_generator
-from cl_runner.methods.regularizer import check_count
+from cl_runner.methods.checks import check_count
+from cl_runner.methods.memory import ReservoirMemory, joined_units, replay_units, reservoir_slots
+from cl_runner.seeding import task_generator
+
+__all__ = ["REPLAY_STREAM", "Replay", "reservoir_slots"]
 
 #: ``task_generator``'s task id for the memory's generator (one stream of draws for the whole run)
 REPLAY_STREAM = 1 << 20
-
-
-def reservoir_slots(n_seen: int, draws: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Vectorized algorithm R for one batch: (slots, sources), the memory slots a batch writes and,
-    for each, the index in the batch of the sample that ends up there.
-
-    ``draws[i]`` is sample i's uniform draw in [0, 1): the batch's i-th sample is the run's sample
-    m = n_seen + i, its slot is m while m < size, else j = ⌊draw · (m + 1)⌋ (j ~ U{0, …, m}), kept
-    when j < size. Several samples in one slot: the last one wins (scatter with amax over the
-    sample index, deterministic on every device)."""
-    b = draws.shape[0]
-    m = torch.arange(n_seen, n_seen + b, dtype=torch.long, device=draws.device)
-    j = (draws.double() * (m + 1).double()).floor().long()  # double: exact for m < 2^52
-    slot = torch.where(m < size, m, j)
-    keep = slot < size
-    last = torch.full((size,), -1, dtype=torch.long, device=draws.device)
-    last.scatter_reduce_(0, slot[keep], torch.arange(b, device=draws.device)[keep], reduce="amax")
-    slots = (last >= 0).nonzero().squeeze(1)
-    return slots, last[slots]
 
 
 class Replay(Method):
@@ -73,8 +67,7 @@ class Replay(Method):
         self._reset()
 
     def _reset(self) -> None:
-        self.n_seen = 0  # training samples seen in the run (algorithm R's m)
-        self.memory: dict[str, Tensor] = {}  # x, y, task; allocated at the first update
+        self.buffer = ReservoirMemory(self.buffer_size)  # x, y, task; allocated at the first update
         self.generator = torch.Generator()
         self._pending: Batch | None = None  # this step's own samples, stored after the step
         self._units: Tensor | None = None  # (T, 2) units of each task's replayed samples, this task
@@ -85,31 +78,34 @@ class Replay(Method):
         self.generator = task_generator(self.seed, REPLAY_STREAM)
 
     @property
+    def n_seen(self) -> int:
+        """Training samples seen in the run (algorithm R's m)."""
+        return self.buffer.n_seen
+
+    @property
+    def memory(self) -> dict[str, Tensor]:
+        """The memory's tensors: x, y, task (empty before the first update)."""
+        return self.buffer.tensors
+
+    @property
     def filled(self) -> int:
-        return min(self.n_seen, self.buffer_size)
+        return self.buffer.filled
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_seen": self.n_seen, "memory": dict(self.memory), "generator": self.generator.get_state()}
+        return {**self.buffer.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.n_seen = int(state["n_seen"])
-        self.memory = dict(state["memory"])
-        self.generator.set_state(state["generator"])
+        self.buffer.load_state_dict(state)
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever the map_location
 
     def before_task(self, model: nn.Module, task: Task) -> None:
-        t = task.id
-        units = [self.stream.eval_units(t, j) for j in range(t + 1)]
         # one range for every sample (domain-, class-IL) unless some memory task's units differ
-        same = len(set(units)) == 1 and units[0] == tuple(task.units)
-        self._units = None if same else torch.tensor(units, device=task.y_train.device)
+        self._units = replay_units(self.stream, task)
 
     # ------------------------------------------------------------------ the step
     def replayed(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
         """``n`` memory samples (x, y, task) drawn without replacement, or None while it is empty."""
-        if self.filled == 0:
-            return None
-        idx = torch.randperm(self.filled, generator=self.generator)[:n].to(device, non_blocking=True)
-        return tuple(self.memory[k][idx] for k in ("x", "y", "task"))
+        return self.buffer.sample(n, self.generator, device)
 
     def training_batch(self, batch: Batch) -> Batch:
         self._pending = batch
@@ -117,12 +113,7 @@ class Replay(Method):
         if drawn is None:
             return batch
         x, y, task = drawn
-        su = batch.sample_units
-        if su is not None or self._units is not None:
-            own = torch.tensor(batch.units, device=y.device)
-            current = su if su is not None else own.expand(len(batch), 2)
-            memory = self._units[task] if self._units is not None else own.expand(len(y), 2)
-            su = torch.cat([current, memory])
+        su = joined_units(batch, self._units, [task])
         return Batch(torch.cat([batch.x, x]), torch.cat([batch.y, y]), batch.units, su, batch.task)
 
     @torch.no_grad()
@@ -134,20 +125,4 @@ class Replay(Method):
     @torch.no_grad()
     def store(self, batch: Batch) -> None:
         """Algorithm R over the batch's samples (no per-sample Python)."""
-        if not self.memory:
-            size, dev = self.buffer_size, batch.x.device
-            self.memory = {
-                "x": torch.zeros((size, *batch.x.shape[1:]), dtype=batch.x.dtype, device=dev),
-                "y": torch.zeros(size, dtype=batch.y.dtype, device=dev),
-                "task": torch.zeros(size, dtype=torch.long, device=dev),
-            }
-        draws = torch.rand(len(batch), generator=self.generator, dtype=torch.float64)
-        slots, sources = reservoir_slots(self.n_seen, draws, self.buffer_size)
-        self.n_seen += len(batch)
-        if len(slots) == 0:
-            return
-        dev = batch.x.device
-        slots, sources = slots.to(dev, non_blocking=True), sources.to(dev, non_blocking=True)
-        self.memory["x"][slots] = batch.x[sources]
-        self.memory["y"][slots] = batch.y[sources]
-        self.memory["task"][slots] = batch.task
+        self.buffer.add(self.generator, batch.x, batch.y, batch.task)

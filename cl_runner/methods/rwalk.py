@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import Batch, named_params
-from cl_runner.methods.regularizer import QuadraticPenalty, check_count, check_range, snapshot
+from cl_runner.methods.checks import check_count, check_range
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
 
 NORM_EPS = 1e-32  # the authors' EPSILON in the min–max normalization
 

@@ -9,7 +9,7 @@ Importance of task t, at the end of t (eval mode, outputs restricted to the task
     Γ_t,i = 1/L Σ_l ( ∂ ξ_lᵀ f̄(θ) / ∂θ_i )²,   ξ_l ~ uniform on the unit sphere S^{K−1}
 
 with L = ``n_slices`` directions drawn from a generator seeded by the run's seed and the task id
-(``per_sample.task_generator``; the global RNG is not touched); x_n: the task's training data (all,
+(``cl_runner.seeding.task_generator``; the global RNG is not touched); x_n: the task's training data (all,
 or a seeded subset of ``scp_samples``). Γ is the Monte-Carlo estimate of the sliced Cramér
 distance's quadratic form (the paper's eq. for Γ), 1/L Σ_l (ξ_lᵀ J)² with J = ∂f̄/∂θ (K × P).
 
@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import eval_mode, named_params
-from cl_runner.methods.per_sample import choose_subset, task_generator
-from cl_runner.methods.regularizer import QuadraticPenalty, check_count, check_range, snapshot
+from cl_runner.methods.checks import check_count, check_range
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
+from cl_runner.seeding import choose_subset, task_generator
 
 
 def random_slices(n_slices: int, k: int, generator: torch.Generator) -> Tensor:

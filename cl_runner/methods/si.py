@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from cl_runner.data.stream import Task
 from cl_runner.methods.base import Batch, named_params
-from cl_runner.methods.regularizer import QuadraticPenalty, check_choice, check_range, snapshot
+from cl_runner.methods.checks import check_choice, check_range
+from cl_runner.methods.regularizer import QuadraticPenalty, snapshot
 
 GRADS = ("task", "total")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cl_runner.models.checks import widths
+from cl_runner.models.checks import count, flag, widths
 
 
 class ConvNet(nn.Module):
@@ -33,6 +33,7 @@ class ConvNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = int(input_shape[0])
+        batch_norm = flag("batch_norm", batch_norm)
         for i, ch in enumerate(widths("channels", channels)):
             # the first layer keeps the resolution; each later one halves it
             layers.append(nn.Conv2d(in_ch, int(ch), 3, stride=1 if i == 0 else 2, padding=1, bias=not batch_norm))
@@ -62,8 +63,8 @@ class ResNet18(nn.Module):
         super().__init__()
         from torchvision.models.resnet import BasicBlock, ResNet
 
+        w = count("width", width, 4096)
         net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=1)
-        w = int(width)
         if w != 64:
             # torchvision's ResNet fixes the widths at 64·2^k; rebuild the stages with width w·2^k
             net.inplanes = w

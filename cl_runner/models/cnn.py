@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cl_runner.models.checks import widths
+from cl_runner.models.checks import count, flag, widths
 
 
 class SmallCNN(nn.Module):
@@ -25,6 +25,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = input_shape[0]
+        kernel_size, batch_norm = count("kernel_size", kernel_size, 64), flag("batch_norm", batch_norm)
+        head_bias = flag("head_bias", head_bias)
         for ch in widths("channels", channels):
             layers.append(nn.Conv2d(in_ch, int(ch), int(kernel_size), padding=0))
             if batch_norm:
@@ -42,8 +44,6 @@ class SmallCNN(nn.Module):
             fcs += [nn.Linear(width, int(h)), nn.ReLU()]
             width = int(h)
         self.body = nn.Sequential(features, *fcs)
-        if not isinstance(head_bias, bool):
-            raise ValueError(f"model.head_bias={head_bias!r} must be true or false")
         self.head = nn.Linear(width, n_outputs, bias=head_bias)
 
     def forward(self, x: Tensor) -> Tensor:

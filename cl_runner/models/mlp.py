@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor, nn
 
-from cl_runner.models.checks import widths
+from cl_runner.models.checks import flag, fraction, widths
 
 
 class MLP(nn.Module):
@@ -27,6 +27,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
+        batch_norm, dropout = flag("batch_norm", batch_norm), fraction("dropout", dropout)
         for h in widths("hidden", hidden):
             layers.append(nn.Linear(width, int(h)))
             if batch_norm:
