@@ -106,7 +106,7 @@ def user(tmp_path, monkeypatch):
         "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     yield code, configs, env
-    for module in ("my_methods", "my_nets", "my_broken"):
+    for module in ("my_methods", "my_nets", "my_broken", "my_config_package"):
         sys.modules.pop(module, None)
 
 
@@ -316,6 +316,7 @@ def example_env(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example")  # one worker installs the example once
 def test_an_installed_extension_is_found_by_its_entry_point(example_env, tmp_path):
     helped = _run(["--help"], example_env, tmp_path)
     assert "sqgrad" in helped.stdout and "resmlp" in helped.stdout
@@ -332,6 +333,7 @@ def test_an_installed_extension_is_found_by_its_entry_point(example_env, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example")  # one worker installs the example once
 def test_cl_run_check_passes_on_the_example(example_env, tmp_path):
     proc = _run(["method=sqgrad", "model=resmlp"], example_env, tmp_path, cmd=CL_RUN_CHECK)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -362,6 +364,7 @@ BROKEN = {
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example")  # one worker installs the example once
 @pytest.mark.parametrize("broken", sorted(BROKEN))
 def test_cl_run_check_names_the_broken_contract(example_env, tmp_path, broken):
     old, new, failing = BROKEN[broken]
@@ -387,6 +390,7 @@ def test_cl_run_check_names_the_broken_contract(example_env, tmp_path, broken):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example")  # one worker installs the example once
 def test_the_examples_own_tests_pass(example_env, tmp_path):
     proc = subprocess.run(
         [
