@@ -90,3 +90,27 @@ def unknown_options(cls: Any, given: Mapping[str, Any], skip: tuple[str, ...] = 
     bad = Unknown([] if takes_any else sorted(set(given) - named))
     bad.valid = sorted(p for p in named if p not in skip)
     return bad
+
+
+def check_buffer(cfg: Any) -> None:
+    """The run's ``buffer`` (a memory size) against the chosen method's table of best arguments.
+
+    A preset whose memory methods take their arguments per memory size (the der2020_* presets) gives
+    such a method a table ``_best`` keyed by size in its protocol file, and the method's options
+    interpolate from the entry ``buffer`` selects. A size without an entry (or none given) is refused
+    here, before anything resolves that interpolation; methods without a table ignore ``buffer``.
+    Raises ValueError with one line naming ``buffer`` and the valid sizes.
+    """
+    buffer = cfg.get("buffer")
+    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
+        raise ValueError(f"buffer must be a positive integer (a memory size) or null, got {buffer!r}")
+    method = cfg.get("method")
+    best = method.get("_best") if method is not None else None
+    if best is None:
+        return
+    sizes = [str(k) for k in best]
+    if buffer is None or str(buffer) not in sizes:
+        raise ValueError(
+            f"buffer={'null' if buffer is None else buffer}: method={method.get('name')} takes its memory size and "
+            f"best arguments from buffer; choose one of: {', '.join(sizes)}"
+        )

@@ -45,6 +45,8 @@ TOP = {
     "keep_checkpoint": Bool(),
     "log_every": Int(lo=1, hi=10**9),
     "resume": Choice(choices=RESUME),
+    # a memory size: selects a preset's best arguments for it (the der2020_* presets; build.check_buffer)
+    "buffer": Int(lo=1, hi=2**31 - 1, optional=True, null_means="none chosen"),
     **{group: Anything() for group in GROUPS},
 }
 
@@ -75,12 +77,14 @@ def validate(cfg: DictConfig, read_data: bool = False) -> None:
     """All checks of a composed run config (see the module docstring); ValueError (one line).
     ``read_data``: also read and check every data file (kept for the run in this process), so that a
     missing or damaged file is refused before the run's folder is made."""
+    from cl_runner.build import check_buffer
     from cl_runner.data.benchmarks import check_benchmark, check_data, check_memory, input_shape
     from cl_runner.methods import method_from_config
     from cl_runner.models import build_model
     from cl_runner.optimizers import make_optimizer_factory
 
     values = check_top_level(cfg)
+    check_buffer(cfg)  # before the method's options resolve through the table it selects from
     device = resolve_device(values["device"])
     check_benchmark(cfg.benchmark, values["scenario"])
     check_memory(cfg.benchmark, device)  # before anything is allocated

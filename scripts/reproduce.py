@@ -22,6 +22,14 @@ Example (protocol A on the real MNIST of this machine)::
         hsu2018_split_mnist_mlp400_class \\
         --seeds 0 1 2 -- data_dir=/work/shared/data download=false
 
+Memory sizes (``--buffers``): a method whose protocol file in a preset holds best arguments per memory size
+(a table ``_best``: the der2020_* presets' replay, der, derpp, …) becomes one row per size given,
+``<label>@<size>`` with ``buffer=<size>``; the other methods stay one row (they ignore ``buffer``). The DER
+table's S-MNIST column::
+
+    python scripts/reproduce.py der2020_seq_mnist --methods finetune online_ewc si lwf joint replay gem agem \\
+        icarl der derpp --buffers 200 500 5120 --seeds 0 1 2 -- data_dir=/work/shared/data download=false
+
 Outputs: the markdown table on stdout (rows = method entries, columns = presets, cells =
 ACC ×100 mean ± sample std (n−1) over the seeds whose run finished, 2 decimals), and in ``--out``:
 ``results.csv`` (one row per preset × method: n_ok, n_failed, mean, std, mean wall time) and
@@ -65,6 +73,40 @@ def parse_entry(entry: str) -> tuple[str, list[str]]:
     if "=" in entry or not entry:
         raise ValueError(f"method entry {entry!r}: give a method name or LABEL:KEY=VALUE …")
     return entry, list(ALIASES.get(entry, [f"method={entry}"]))
+
+
+def memory_sizes(preset: str, overrides: list[str]) -> list[str] | None:
+    """The memory sizes the preset offers best arguments for to this method entry (the keys of its
+    protocol file's ``_best`` table), or None when the method takes none (it ignores ``buffer``)."""
+    import hydra
+
+    try:
+        with hydra.initialize_config_module("cl_runner.configs", version_base="1.3"):
+            cfg = hydra.compose("config", overrides=[f"experiment={preset}", *overrides])
+    except Exception as e:  # an unknown method, a bad override: one line
+        raise ValueError(f"{preset} {' '.join(overrides)}: {' '.join(str(e).split())}") from None
+    best = cfg.method.get("_best")
+    return None if best is None else [str(k) for k in best]
+
+
+def expand(
+    preset: str, label: str, overrides: list[str], buffers: list[int], extra: list[str]
+) -> list[tuple[str, list[str]]]:
+    """A method entry as rows: one per memory size in ``buffers`` for a method with a table of best
+    arguments per size (``<label>@<size>``, ``buffer=<size>``); the entry itself otherwise, or when a
+    ``buffer=`` is given in its overrides or after ``--``."""
+    if any(o.split("=", 1)[0].lstrip("+") == "buffer" for o in [*overrides, *extra]):
+        return [(label, overrides)]
+    sizes = memory_sizes(preset, overrides)
+    if sizes is None:
+        return [(label, overrides)]
+    if not buffers:
+        raise ValueError(
+            f"{preset} {label} takes its arguments per memory size: give --buffers (of {', '.join(sizes)})"
+        )
+    if bad := [str(b) for b in buffers if str(b) not in sizes]:
+        raise ValueError(f"--buffers {' '.join(bad)}: {preset} {label} has best arguments for {', '.join(sizes)} only")
+    return [(f"{label}@{b}", [*overrides, f"buffer={b}"]) for b in buffers]
 
 
 def cl_run_command() -> list[str]:
@@ -134,7 +176,8 @@ def markdown(results: list[dict], presets: list[str], labels: list[str], n_seeds
     by = {(r["preset"], r["method"]): r for r in results}
     scenario = {r["preset"]: r["scenario"] for r in results if r["scenario"]}
     heads = [f"{p} ({scenario[p]}-IL)" if p in scenario else p for p in presets]
-    return md_table(["method", *heads], ([lab, *(cell(by[p, lab], n_seeds) for p in presets)] for lab in labels)) + "\n"
+    rows = ([lab, *(cell(by[p, lab], n_seeds) if (p, lab) in by else "–" for p in presets)] for lab in labels)
+    return md_table(["method", *heads], rows) + "\n"
 
 
 def to_csv(results: list[dict]) -> str:
@@ -158,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", nargs="+", default=DEFAULT_METHODS, help=f"method entries (default: {' '.join(DEFAULT_METHODS)})"
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument(
+        "--buffers",
+        nargs="+",
+        type=int,
+        default=[],
+        help="memory sizes: one row per size for the methods a preset gives best arguments per size (der2020_*)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="output folder (default outputs/reproduce/<time>)")
     ap.add_argument("--jobs", type=int, default=1, help="multiruns at a time (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS; default 1)")
@@ -180,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--methods has repeated labels: {' '.join(labels)}")
         if args.jobs < 1 or args.threads < 1:
             raise ValueError("--jobs and --threads must be at least 1")
+        rows = {
+            p: [row for lab, ov in entries for row in expand(p, lab, ov, args.buffers, args.extra)]
+            for p in args.presets
+        }
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -190,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
+    labels = list(dict.fromkeys(lab for p in args.presets for lab, _ in rows[p]))
     todo = []
     for p in args.presets:
-        for lab, ov in entries:
+        for lab, ov in rows[p]:
             sweep_dir = out / p / lab
             if sweep_dir.exists():
                 res = summarize(p, lab, sweep_dir)
@@ -224,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         codes = list(pool.map(job, todo))
     wall = time.perf_counter() - start
 
-    results = [summarize(p, lab, out / p / lab) for p in args.presets for lab in labels]
+    results = [summarize(p, lab, out / p / lab) for p in args.presets for lab, _ in rows[p]]
     md = markdown(results, args.presets, labels, len(args.seeds))
     failures = [
         f"- {r['preset']} {r['method']}: {r['n_failed']} failed: {'; '.join(r['errors'])}"

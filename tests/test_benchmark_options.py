@@ -41,6 +41,8 @@ BAD: dict[str, list] = {
     "classes_per_task": [0, -1, 10**12, 2.5, "abc", nan, True, [2], 1000],
     "class_order": [[0, 0, 1, 2], [-1, 0], [10**12], [2.5], ["a"], "abc", 5, [], [nan], [99_999], [True]],
     "angles": [[], [nan], [inf], [1e300], ["a"], 5, "abc", [400], [-361], None, [True]],
+    "angle_range": [[5, 5], [10, 0], [0], [nan, 1], [0, inf], "abc", [0, 400], None, [1, 2, 3], [True, 2]],
+    "interpolation": ["cubic", 5, None, "", True],
     "max_train_per_task": [0, -5, 10**12, 2.5, "abc", nan, inf, True, [5]],
     "max_test_per_task": [0, -5, 10**12, 2.5, "abc", nan, inf, True, [5]],
     "normalize": [

@@ -8,9 +8,12 @@ by composing the configs of `main` at e8a7e41 (`protocol` key dropped); Hydra's 
 curvature preset's entries' values from its demonstration's code (active_units all, clip 10, momentum 0.9;
 docs/protocols/curvature.md) and EWC's sampled Fisher labels there. Renamed since: the presets' keys to
 their new names (docs/protocols/README.md, "Preset names"); the former names are aliases that compose to
-the same values (tests/test_preset_aliases.py).; the EWC trade-off preset's EWC
+the same values (tests/test_preset_aliases.py). Changed since: the EWC trade-off preset's EWC
 `fisher_estimator: batch_label_cross_mean_sq_grad` (the notebook's estimator, docs/protocols/ewctradeoff.md).
-Added with issue 20: `threads: auto` (was null) and `resume: auto` everywhere."""
+Added with issue 20: `threads: auto` (was null) and `resume: auto` everywhere. Added with issue 23 (the DER
+table's options; their defaults change nothing): `buffer: null` everywhere, `method.clip_grad_value: null`
+(si), `method.fisher_weight: none` (online_ewc), and the rotated benchmark's `n_tasks: null`, `angle_range:
+[0, 180]`, `interpolation: bilinear`."""
 
 from __future__ import annotations
 

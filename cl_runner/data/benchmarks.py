@@ -10,7 +10,8 @@ the stream's tasks (a :class:`Part` each):
                 data that come with task ids (``t_train``/``t_test`` in a file), one task per id;
 - ``permuted``: ``n_tasks`` fixed pixel permutations of the whole data drawn from the seed
                 (``permute_first: false`` keeps task 1 unpermuted);
-- ``rotated``:  one task per angle in ``angles`` (degrees);
+- ``rotated``:  one task per angle in ``angles`` (degrees), or ``angles: random`` with ``n_tasks`` angles
+                drawn from the seed in ``angle_range``; ``interpolation`` bilinear | nearest;
 - ``sequence``: one task per dataset in ``datasets`` (e.g. MNIST then Fashion-MNIST).
 
 Where the data come from (split, permuted, rotated): ``dataset``, a registered name (``mnist``, …,
@@ -354,18 +355,29 @@ def permuted(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator)
 
 @register_kind("rotated", options=ROTATED_OPTIONS)
 def rotated(cfg: Mapping[str, Any], raws: list[RawDataset], g: torch.Generator) -> list[Part]:
-    raw = raws[0]
+    raw, interpolation = raws[0], cfg["interpolation"]
     return [
         Part(
             f"{raw.name}-rot{angle:g}",
-            T.rotate(raw.x_train, angle),
+            T.rotate(raw.x_train, angle, interpolation),
             raw.y_train,
-            T.rotate(raw.x_test, angle),
+            T.rotate(raw.x_test, angle, interpolation),
             raw.y_test,
             _classes(raw),
         )
-        for angle in _get(cfg, "angles", [0, 20, 40, 60, 80])
+        for angle in rotation_angles(cfg, g)
     ]
+
+
+def rotation_angles(cfg: Mapping[str, Any], g: torch.Generator) -> list[float]:
+    """The ``rotated`` kind's angles in degrees: the list ``angles``, or with ``angles: random`` one angle
+    per task for ``n_tasks`` tasks, each uniform in [low, high) = ``angle_range``, drawn from the run's
+    seeded generator (mammoth's R-MNIST draws ``np.random.uniform(0, 180)`` per task). ``cfg``: the
+    checked options (:func:`benchmark_options`)."""
+    if cfg["angles"] != "random":
+        return [float(a) for a in cfg["angles"]]
+    lo, hi = (float(v) for v in cfg["angle_range"])
+    return (lo + (hi - lo) * torch.rand(int(cfg["n_tasks"]), generator=g, dtype=torch.float64)).tolist()
 
 
 @register_kind("sequence", options=SEQUENCE_OPTIONS)

@@ -19,6 +19,7 @@ from cl_runner.data.datasets import INFO, RawDataset
 from cl_runner.data.specs import DataPath, Dataset, DatasetNames, Described, Name, Normalize  # noqa: F401
 from cl_runner.data.stream import SCENARIOS
 from cl_runner.options import (
+    AnyOf,
     Anything,
     Bool,
     Choice,
@@ -133,13 +134,26 @@ PERMUTED_OPTIONS: dict[str, Option] = {
 ROTATED_OPTIONS: dict[str, Option] = {
     **SOURCE,
     "angles": (
-        Described(
-            item=Float(lo=-360, hi=360),
-            max_len=MAX_TASKS,
-            described="a list of angles in degrees, each in [-360, 360]",
+        AnyOf(
+            alternatives=(
+                Choice(choices=("random",)),
+                Described(
+                    item=Float(lo=-360, hi=360),
+                    max_len=MAX_TASKS,
+                    described="a list of angles in degrees, each in [-360, 360]",
+                ),
+            )
         ),
         [0, 20, 40, 60, 80],
     ),
+    # with angles: random, n_tasks angles drawn uniformly in angle_range from the run's seed
+    "n_tasks": (Int(lo=1, hi=MAX_TASKS, optional=True, null_means="one task per angle of benchmark.angles"), None),
+    "angle_range": (
+        Described(item=Float(lo=-360, hi=360), min_len=2, max_len=2, described="[low, high] in degrees, low < high"),
+        [0, 180],
+    ),
+    # bilinear (grid_sample) | nearest (PIL's Image.rotate, as torchvision rotates a PIL image: mammoth's R-MNIST)
+    "interpolation": (Choice(choices=("bilinear", "nearest")), "bilinear"),
 }
 SEQUENCE_OPTIONS: dict[str, Option] = {
     "datasets": (DatasetNames(max_len=MAX_TASKS), None),
@@ -347,6 +361,8 @@ def benchmark_options(cfg: Any, scenario: str | None = None) -> dict[str, Any]:
             f"choose one of: {', '.join(fits)}"
         )
     _check_source(opts)
+    if kind == "rotated":
+        _check_rotation(opts)
     known = _static_shapes(opts)
     if known is not None:
         names = [_label(s) for s in _source(opts)]
@@ -362,6 +378,25 @@ def benchmark_options(cfg: Any, scenario: str | None = None) -> dict[str, Any]:
                 f"benchmark.datasets have different image shapes {sorted(padded)}; set benchmark.pad to one size",
             )
     return opts
+
+
+def _check_rotation(opts: Mapping[str, Any]) -> None:
+    """``angles: random`` needs ``n_tasks``, a list of angles none; ``angle_range`` is [low, high), low < high."""
+    if opts["angles"] == "random" and opts["n_tasks"] is None:
+        raise OptionError(
+            "benchmark.n_tasks", "benchmark.n_tasks must be a positive integer with benchmark.angles=random"
+        )
+    if opts["angles"] != "random" and opts["n_tasks"] is not None:
+        raise OptionError(
+            "benchmark.n_tasks",
+            f"benchmark.n_tasks={opts['n_tasks']} applies to benchmark.angles=random only (a list of angles is one "
+            "task per angle); leave it out",
+        )
+    lo, hi = opts["angle_range"]
+    if not lo < hi:
+        raise OptionError(
+            "benchmark.angle_range", f"benchmark.angle_range must be [low, high] with low < high, got {[lo, hi]}"
+        )
 
 
 def _padded(shape: tuple[int, ...], pad: int) -> tuple[int, ...]:

@@ -30,6 +30,34 @@ def _sizes(opts: Mapping[str, Any]) -> list[tuple[int, int, tuple[int, ...]]] | 
     return out
 
 
+def _copies(opts: Mapping[str, Any], sizes: list, n_train: int, n_test: int) -> tuple:
+    """(tasks, copies of the whole data the kind makes, training and test samples per task, what the
+    message calls it, the key to change) for each kind."""
+    kind, pad, n_all = opts["kind"], opts["pad"], n_train + n_test
+    if kind == "split":
+        how, name = _source(opts)[0]
+        classes = INFO[name].n_classes if how == "name" else None  # a file's classes: all of it, at most
+        plan = _split_plan(opts, list(range(classes)), name) if classes else None
+        share = plan[1] * plan[2] / classes if plan else 1.0
+        n_tasks = plan[1] if plan else 1
+        what = f"{n_tasks} task{'s' if n_tasks > 1 else ''} cut from {n_all} samples"
+        key = "benchmark.pad" if pad else ("benchmark.path" if opts.get("path") else "benchmark.dataset")
+        return n_tasks, share, share * n_train / n_tasks, share * n_test / n_tasks, what, key
+    if kind == "permuted":
+        n_tasks = opts["n_tasks"]
+        copies = n_tasks - (0 if opts["permute_first"] else 1)
+        return n_tasks, copies, n_train, n_test, f"{n_tasks} tasks of {n_all} samples", "benchmark.n_tasks"
+    if kind == "rotated":
+        random = opts["angles"] == "random"
+        n_tasks = opts["n_tasks"] if random else len(opts["angles"])
+        copies = n_tasks if random else sum(1 for a in opts["angles"] if float(a) % 360 != 0)
+        key = "benchmark.n_tasks" if random else "benchmark.angles"
+        return n_tasks, copies, n_train, n_test, f"{n_tasks} tasks of {n_all} samples", key
+    n_tasks = len(sizes)
+    per = max(n_tasks, 1)
+    return n_tasks, 0, n_train / per, n_test / per, f"{n_tasks} datasets of {n_all} samples", "benchmark.datasets"
+
+
 def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
     """The stream's memory, as built by :func:`build_stream`: float32 inputs and int64 labels of
     the loaded data, their padded copy, the copies the kind makes (split: the tasks' share of the
@@ -49,32 +77,7 @@ def _bytes_of(opts: Mapping[str, Any], sizes: list[tuple[int, int, tuple[int, ..
             padded += n * per_sample
         n_train, n_test = n_train + ntr, n_test + nte
     n_all = n_train + n_test
-    if kind == "split":
-        how, name = _source(opts)[0]
-        classes = INFO[name].n_classes if how == "name" else None  # a file's classes: all of it, at most
-        plan = _split_plan(opts, list(range(classes)), name) if classes else None
-        share = plan[1] * plan[2] / classes if plan else 1.0
-        n_tasks = plan[1] if plan else 1
-        copies, task_train, task_test = share, share * n_train / n_tasks, share * n_test / n_tasks
-        what = f"{n_tasks} task{'s' if n_tasks > 1 else ''} cut from {n_all} samples"
-        key = "benchmark.pad" if pad else ("benchmark.path" if opts.get("path") else "benchmark.dataset")
-    elif kind == "permuted":
-        n_tasks = opts["n_tasks"]
-        copies = n_tasks - (0 if opts["permute_first"] else 1)
-        task_train, task_test = n_train, n_test
-        what = f"{n_tasks} tasks of {n_all} samples"
-        key = "benchmark.n_tasks"
-    elif kind == "rotated":
-        n_tasks = len(opts["angles"])
-        copies = sum(1 for a in opts["angles"] if float(a) % 360 != 0)
-        task_train, task_test = n_train, n_test
-        what = f"{n_tasks} tasks of {n_all} samples"
-        key = "benchmark.angles"
-    else:
-        n_tasks, copies = len(sizes), 0
-        task_train, task_test = n_train / max(n_tasks, 1), n_test / max(n_tasks, 1)
-        what = f"{n_tasks} datasets of {n_all} samples"
-        key = "benchmark.datasets"
+    n_tasks, copies, task_train, task_test, what, key = _copies(opts, sizes, n_train, n_test)
     parts = copies * n_all * (per_sample + (8 if kind == "split" else 0))
     # each task: a subset is a copy, normalizing makes one more (the subset's is freed), labels are new
     norm, tasks = opts["normalize"] is not None, 0.0

@@ -15,9 +15,18 @@ Penalty (no ½ factor, as Zenke's eq. 4):  L(θ) = L_t(θ) + λ · Σ_i Ω_i (θ
 
 Δ is measured from the start of *this* task, i.e. from the previous anchor. ``importance()``:
 the accumulated Ω.
+
+``clip_grad_value`` (null = off): every gradient entry clamped to [−c, c] after λ·penalty's gradient
+is added and before the optimizer step (``torch.nn.utils.clip_grad_value_`` on the total gradient),
+as mammoth's SI does (``models/si.py`` at c66408f, Buzzega et al. 2020, c = 1). With ``grad: total``
+the path integral then uses that clipped gradient, so with plain SGD (Δθ = −lr·g)
+ω += −g·Δθ = lr·g², mammoth's ``small_omega += lr · grad²`` — that table's SI is ``grad: total``,
+``clip_grad_value: 1``. The trainer calls this hook only when λ ≠ 0 (λ = 0 is finetune: no clipping).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +43,13 @@ class SI(QuadraticPenalty):
     name = "si"
     stackable = True  # the vectorized launcher may train it stacked (cl_runner/stacked.py)
 
-    def __init__(self, strength: float, xi: float, grad: str):
+    def __init__(self, strength: float, xi: float, grad: str, clip_grad_value: float | None):
         super().__init__(strength, half=False)
         self.xi = check_range("xi", xi, 0.0, float("inf"), lo_open=True)
         self.grad = check_choice("grad", grad, GRADS)
+        self.clip_grad_value = (
+            None if clip_grad_value is None else check_range("clip_grad_value", clip_grad_value, 0.0, math.inf, True)
+        )
         self._omega: dict[str, Tensor] = {}  # accumulated Ω
         self._w: dict[str, Tensor] = {}  # this task's path integral ω
         self._start: dict[str, Tensor] = {}
@@ -57,6 +69,15 @@ class SI(QuadraticPenalty):
             if self._task_grad.keys() != grads.keys():
                 self._task_grad = {n: torch.empty_like(g) for n, g in grads.items()}
             torch._foreach_copy_(list(self._task_grad.values()), list(grads.values()))
+
+    @torch.no_grad()
+    def add_penalty_grad(self, model: nn.Module) -> Tensor | None:
+        penalty = super().add_penalty_grad(model)
+        if self.clip_grad_value is not None:
+            grads = [p.grad for p in named_params(model).values() if p.grad is not None]
+            torch._foreach_clamp_min_(grads, -self.clip_grad_value)
+            torch._foreach_clamp_max_(grads, self.clip_grad_value)
+        return penalty
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, batch: Batch | None = None) -> None:
