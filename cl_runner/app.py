@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,11 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from cl_runner import record
+from cl_runner import configpath, record
 from cl_runner.folders import UsageError, check_folder, check_launcher, check_run_dir, check_sweep_dir
 from cl_runner.runfiles import CheckpointError, flatten, write_atomic
 
-CONFIG_MODULE = "cl_runner.configs"
+CONFIG_MODULE = configpath.CONFIG_MODULE
 #: exit codes of cl-run (README: "When things go wrong")
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -173,28 +172,26 @@ hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}"
 
 
 # ----------------------------------------------------------------------------- command line
-def config_groups() -> dict[str, list[str]]:
-    """Config groups shipped in configs/ and their options (yaml file stems)."""
-    root = resources.files(CONFIG_MODULE)
-    return {
-        d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
-        for d in root.iterdir()
-        if d.is_dir() and d.name not in ("hydra", "__pycache__")
-    }
+def config_groups(search: configpath.Search | None = None) -> dict[str, list[str]]:
+    """Config groups and their options, from every folder of the search path Hydra composes from:
+    cl-runner's configs/, the user's (CL_RUNNER_CONFIG_PATH, installed extensions, and the command
+    line's ``hydra.searchpath`` / ``--config-dir`` in ``search``); see :mod:`cl_runner.configpath`."""
+    return (search or configpath.Search()).groups()
 
 
-def _compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
-    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return hydra.compose("config", overrides=overrides, return_hydra_config=hydra_node)
+def _compose(overrides: list[str], hydra_node: bool = False, search: configpath.Search | None = None) -> DictConfig:
+    search = search or configpath.Search()
+    with configpath.initialized(search.config_dir):
+        return hydra.compose(search.config_name, overrides=overrides, return_hydra_config=hydra_node)
 
 
-def _compose_error(e: Exception, overrides: list) -> str:
+def _compose_error(e: Exception, overrides: list, search: configpath.Search | None = None) -> str:
     """One line for a failed composition; an unknown key (OmegaConf names it in the cause) gets the
     closest key of the config the other overrides compose to."""
     key = e.__cause__.full_key if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) else None
     if key:
         try:  # the keys this command line has (a group choice brings its own keys)
-            others = _compose([o.input_line for o in overrides if o.key_or_group != key])
+            others = _compose([o.input_line for o in overrides if o.key_or_group != key], search=search)
             keys = list(flatten(OmegaConf.to_container(others, resolve=False)))
         except Exception:
             keys = []
@@ -229,22 +226,26 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 class Plan:
     """What precheck found: the command line to hand to Hydra and, for a sweep, its folder."""
 
-    def __init__(self, argv: list[str], sweep_dir: Path | None = None):
-        self.argv, self.sweep_dir = argv, sweep_dir
+    def __init__(self, argv: list[str], sweep_dir: Path | None = None, warnings: list[str] | None = None):
+        self.argv, self.sweep_dir, self.warnings = argv, sweep_dir, warnings or []
+        self.done = False  # precheck answered the command itself (--help)
 
 
 class CommandLine:
     """The overrides of a command line: one representative value per key (the first of a sweep's),
     whether it is a sweep, and the run / sweep folders it names. A group option that does not exist
-    is refused here, naming the group's options."""
+    is refused here, naming the group's options (from every config folder: :mod:`cl_runner.configpath`);
+    ``warnings``: the lines about the user's folders (shadowed options) that cl-run prints once."""
 
     def __init__(self, args: argparse.Namespace):
         try:
             self.overrides = OverridesParser.create().parse_overrides(args.overrides)
         except OverrideParseException as e:
             raise UsageError(_one_line(e)) from None
-        groups = config_groups()
-        self.sweep, self.folders, self.representative = bool(args.multirun), {}, []
+        searchpath = [o.input_line for o in self.overrides if o.key_or_group == "hydra.searchpath"]
+        self.search = configpath.Search(args.config_dir, args.config_name, searchpath)
+        groups, self.warnings = _groups(self.search)
+        self.sweep, self.folders, self.representative = bool(args.multirun), {}, list(searchpath)
         for o in self.overrides:
             key = o.key_or_group
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
@@ -262,14 +263,27 @@ class CommandLine:
 
     def compose(self) -> DictConfig:
         try:
-            return _compose(self.representative, hydra_node=self.sweep)
+            return _compose(self.representative, hydra_node=self.sweep, search=self.search)
         except Exception as e:  # ConfigCompositionException, OverrideParseException or an OmegaConf error
             parsed = OverridesParser.create().parse_overrides(self.representative)
-            raise UsageError(_compose_error(e, parsed)) from None
+            raise UsageError(_compose_error(e, parsed, self.search)) from None
 
     @property
     def task_overrides(self) -> list[str]:
         return [o.input_line for o in self.overrides if not o.key_or_group.startswith("hydra")]
+
+
+def _groups(search: configpath.Search) -> tuple[dict[str, list[str]], list[str]]:
+    """The groups' options and the warning lines about the user's folders; UsageError (one line) for a
+    user's folder that does not exist (CL_RUNNER_CONFIG_PATH, hydra.searchpath, --config-dir)."""
+    try:
+        repo = search.repository()
+    except Exception as e:  # a hydra.searchpath that is not a list of strings, a primary config that cannot be read
+        raise UsageError(_one_line(e)) from None
+    errors, warnings = configpath.problems(repo)
+    if errors:
+        raise UsageError(errors[0])
+    return search.groups(repo), [*warnings, *configpath.shadowing(repo)]
 
 
 def precheck(argv: list[str]) -> Plan:
@@ -277,13 +291,34 @@ def precheck(argv: list[str]) -> Plan:
     sweep's folder is fixed here (``hydra.sweep.dir``, its default ``${now:…}`` resolved once), so that
     cl-run knows where the sweep's summary is whatever happens to the sweep."""
     args = _parse_args(argv)
-    if args.help or args.hydra_help or args.version or args.shell_completion:
+    if args.help:
+        return _help(argv, args)
+    if args.hydra_help or args.version or args.shell_completion:
         return Plan(argv)
     line = CommandLine(args)
     cfg = line.compose()
     if args.cfg or args.info:  # --cfg/--info: the config must compose, nothing runs
-        return Plan(argv)
-    return _check_sweep(argv, line, cfg) if line.sweep else _check_run(argv, line, cfg)
+        plan = Plan(argv)
+    else:
+        plan = _check_sweep(argv, line, cfg) if line.sweep else _check_run(argv, line, cfg)
+    plan.warnings = line.warnings
+    return plan
+
+
+def _help(argv: list[str], args: argparse.Namespace) -> Plan:
+    """``--help``: Hydra's help, with the options of every config folder. Hydra's own lists the groups
+    of its initial search path only (not the command line's ``hydra.searchpath``), so the help comes
+    from a Hydra whose search path has them all."""
+    from hydra._internal.utils import get_args_parser
+
+    line = CommandLine(args)
+    line.compose()  # a command line that does not compose: one error line, not Hydra's
+    parser = get_args_parser()
+    with configpath.initialized(path=line.search.full_path()) as app:
+        app.app_help(config_name=line.search.config_name, args_parser=parser, args=parser.parse_args(argv))
+    plan = Plan(argv)
+    plan.done = True
+    return plan
 
 
 def _check_run(argv: list[str], line: CommandLine, cfg: DictConfig) -> Plan:
@@ -326,6 +361,10 @@ def main() -> None:
         plan = precheck(sys.argv[1:])
     except UsageError as e:
         _exit(EXIT_USAGE, f"error: {e}")
+    if plan.done:
+        return
+    for warning in plan.warnings:
+        print(warning, file=sys.stderr)
     sys.argv = [sys.argv[0], *plan.argv]
     from cl_runner.report import summary
 

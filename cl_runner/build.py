@@ -7,6 +7,7 @@ run-identity labels ``name`` and ``lambda`` (the method's λ, passed as ``streng
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -33,10 +34,45 @@ def partial(node: Any, group: str) -> functools.partial:
     target = _container(node).get("_target_")
     if not target:
         raise ValueError(f"{group} {node.get('name')!r} has no _target_ (the class to build; see CONTRIBUTING.md)")
+    locate(f"{group}._target_", str(target))
     try:
         return instantiate({"_target_": target, "_partial_": True, **options(node)}, _convert_="all")
     except InstantiationException as e:
         raise ValueError(f"{group}._target_={target!r} cannot be built: {e.__cause__ or e}") from None
+
+
+def locate(key: str, target: str) -> Any:
+    """The object a ``_target_`` names (``package.module.Class``); ValueError, one line naming ``key``, the
+    module and Python's error, when it cannot be imported (no such module, an import inside the module
+    that fails, a syntax error) or the module has no such attribute."""
+    parts = target.split(".")
+    if not all(parts):
+        raise ValueError(f"{key}={target}: not a dotted name of a class (package.module.Class)")
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+                continue  # this prefix is not a module: try a shorter one
+            raise ValueError(f"{key}={target}: importing module {module} failed: {_error(e)}") from None
+        except Exception as e:  # noqa: BLE001 - whatever the module raised while being imported
+            raise ValueError(f"{key}={target}: importing module {module} failed: {_error(e)}") from None
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                raise ValueError(f"{key}={target}: module {module} has no {'.'.join(parts[i:])}") from None
+            obj = getattr(obj, attr)
+        return obj
+    raise ValueError(
+        f"{key}={target}: no module named {parts[0]} (is its folder on PYTHONPATH, or its package installed?)"
+    )
+
+
+def _error(e: BaseException) -> str:
+    if isinstance(e, SyntaxError):
+        where = f" ({e.filename}, line {e.lineno})" if e.filename else ""
+        return f"SyntaxError: {e.msg}{where}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 class Unknown(list):
@@ -46,10 +82,13 @@ class Unknown(list):
 
 
 def unknown_options(cls: Any, given: Mapping[str, Any], skip: tuple[str, ...] = ()) -> Unknown:
-    """Options in ``given`` that ``cls``'s constructor does not take (``skip``: the ones the run passes)."""
+    """Options in ``given`` that ``cls``'s constructor does not take (``skip``: the ones the run passes).
+    A constructor with ``**kwargs`` takes any name (its own checks refuse what it does not know)."""
     params = inspect.signature(cls).parameters
-    bad = Unknown(sorted(set(given) - set(params)))
-    bad.valid = sorted(p for p in params if p not in skip)
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    bad = Unknown([] if takes_any else sorted(set(given) - named))
+    bad.valid = sorted(p for p in named if p not in skip)
     return bad
 
 

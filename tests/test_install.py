@@ -38,3 +38,14 @@ def test_configs_found_after_non_editable_install(tmp_path, installed_site):
         [sys.executable, str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert "split_digits" in helped.stdout and "finetune" in helped.stdout
+    # the search path plugin ships in the wheel: a folder of CL_RUNNER_CONFIG_PATH joins the groups
+    assert (site / "hydra_plugins" / "cl_runner_searchpath" / "searchpath_plugin.py").is_file()
+    mine = tmp_path / "my_configs" / "method"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("name: mine\n_target_: cl_runner.methods.l2.L2\n_partial_: true\nlambda: 1\n")
+    env = {**env, "CL_RUNNER_CONFIG_PATH": str(mine.parent)}
+    helped = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    listed = next(line for line in helped.stdout.splitlines() if line.startswith("method: "))
+    assert {"mine", "ewc", "finetune"} <= set(listed[len("method: ") :].split(", "))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_runner.build import partial
+from cl_runner.build import options, partial, unknown_options
 from cl_runner.models.cifar import ConvNet, ResNet18
 from cl_runner.models.cnn import SmallCNN
 from cl_runner.models.mlp import MLP
@@ -44,6 +44,11 @@ def build_model(cfg: Mapping[str, Any], input_shape: tuple[int, ...], n_outputs:
     a bad option, or a model that cannot take the benchmark's input shape."""
     name = cfg.get("name")
     make = partial(cfg, "model")
+    bad = unknown_options(make.func, options(cfg), skip=("input_shape", "n_outputs"))
+    if bad:
+        raise ValueError(
+            f"model {name} has no option {', '.join(bad)}; valid options: {', '.join(bad.valid) or 'none'}"
+        )
     try:
         return _construct(make, tuple(input_shape), n_outputs)
     except (TypeError, ValueError) as e:  # unknown option or a value of the wrong type
