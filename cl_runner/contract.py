@@ -135,10 +135,10 @@ def _keeping(cfg: DictConfig) -> DictConfig:
 
 def run(cfg: DictConfig, folder: Path, fault: str | None = None) -> Finished:
     """Run ``cfg`` in ``folder`` quietly (the final checkpoint kept); RunStopped unless it ends ok."""
-    from cl_runner.run import run_experiment
+    from cl_runner.run import RunParts, run_experiment
 
     with _fault(fault):
-        record = run_experiment(_keeping(cfg), folder, console=_quiet())
+        record = run_experiment(_keeping(cfg), folder, console=_quiet(), parts=RunParts(figures=False))
     try:
         model = load_checkpoint(folder / CHECKPOINT)["trainer"]["model"]
     except CheckpointError:  # the checkpoint contract says why; the matrices are still compared

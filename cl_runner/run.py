@@ -75,10 +75,13 @@ class RunStopped(Exception):
 @dataclass(frozen=True)
 class RunParts:
     """What a run builds its task stream with (a sweep group shares one stream per benchmark:
-    ``build_stream``), and whether it draws progress bars (``quiet``: a stacked group's members)."""
+    ``build_stream``), whether it draws progress bars (``quiet``: a stacked group's members), and whether
+    it renders the matrix's pictures for TensorBoard (``figures``: not for the contract's runs, which only
+    compare records; the pictures are half of a tiny run's time)."""
 
     build_stream: Callable[..., Any] | None = None  # None: cl_runner.data.benchmarks.build_stream
     quiet: bool = False
+    figures: bool = True
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -345,7 +348,7 @@ class _Run:
         if self.tb is None:
             return
         try:
-            self.tb.final(result, self.hparams) if status == "ok" else self.tb.failed(self.hparams, status)
+            self.tb.final(result, self.hparams, self.parts.figures) if status == "ok" else self.tb.failed(self.hparams, status)
         except Exception as e:  # noqa: BLE001 - figures are a view of the record
             print(f"warning: TensorBoard summary not written: {type(e).__name__}: {e}", file=sys.stderr)
 

@@ -6,7 +6,10 @@ defaults through the real config composition, mean over seeds 0, 1, 2:
 - a λ sweep of EWC is a trade-off: BWT rises and learning accuracy falls (or stays) as λ grows,
   with no collapse of both at large λ (here finetune = λ 0, then λ = 100, 1000, 1e5 of the
   README's 10 … 1e5);
-- every regularizer at its default strength beats finetune's ACC.
+- every regularizer at its default strength beats finetune's ACC and BWT (RWalk and SCP its BWT by
+  ≥ 5 points, issue 12).
+
+All runs of this file share one cache on one xdist worker (finetune and EWC λ = 1000 run once).
 
 The measured numbers behind the defaults are in configs/config.yaml and configs/method/*.yaml.
 """
@@ -20,10 +23,11 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("default_stream")]
 
 SEEDS = (0, 1, 2)
-REGULARIZED = ("l2", "ewc", "online_ewc", "mas", "si")
+REGULARIZED = ("l2", "ewc", "online_ewc", "mas", "si", "rwalk", "scp")
+BWT_GAIN = {"rwalk": 0.05, "scp": 0.05}  # issue 12's margin for the two methods it added
 SWEEP = (100, 1000, 100000)
 LA_SLACK = 0.01  # "falls (or stays)": one point of noise allowed between neighbouring λ
 
@@ -94,4 +98,4 @@ def test_every_regularizer_at_its_default_beats_finetune(run, method):
     default = compose(f"method={method}")["lambda"]
     assert all(r["method"] == method and r["lambda"] == default for r in ours["runs"])
     assert ours["acc"] > ft["acc"], (method, ours["acc"], ft["acc"])
-    assert ours["bwt"] > ft["bwt"], (method, ours["bwt"], ft["bwt"])
+    assert ours["bwt"] > ft["bwt"] + BWT_GAIN.get(method, 0.0), (method, ours["bwt"], ft["bwt"])

@@ -43,13 +43,16 @@ def check_count(key: str, value: Any, allow_none: bool = False) -> int | None:
 
 
 def check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (value > lo if lo_open else value >= lo) and value <= hi
-        ok = ok and abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
-    if not ok:
-        top = min(hi, FLOAT32_MAX)
-        interval = f"{'(' if lo_open else '['}{lo:g}, {top:g}]"
-        raise ValueError(f"method.{key}={value!r} must be a number in {interval} that float32 can hold")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if number else value
+    inside = number and ((float(value) > lo if lo_open else float(value) >= lo) and float(value) <= hi)
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if not inside:
+        raise ValueError(f"method.{key}={value!r} must be a number in {interval}")
+    value = float(value)
+    if abs(value) > FLOAT32_MAX or (value != 0 and abs(value) < FLOAT32_TINY):
+        raise ValueError(
+            f"method.{key}={value!r} must be a number in {interval} that float32 can hold "
+            "(between 1.2e-38 and 3.4e38 in size)"
+        )
     return value

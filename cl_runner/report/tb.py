@@ -394,7 +394,7 @@ class TensorBoardLogger(TrainerEvents):
         with SummaryWriter(str(self.log_dir / "hparams")) as w:
             write_hparams(w, hparams, metrics, status=status, trial=self.trial, step=self.step)
 
-    def final(self, result: dict[str, Any], hparams: dict[str, Any]) -> None:
+    def final(self, result: dict[str, Any], hparams: dict[str, Any], figures: bool = True) -> None:
         names, matrix, initial = result["task_names"], result["accuracy_matrix"], result["initial_accuracy"]
         ends = ", ".join(f"T{i + 1} at step {s}" for i, s in enumerate(self.task_end_steps)) or "none"
         note = "Accuracies in %. Step axis = optimizer steps since the start of the run: step 0 = the initial model"
@@ -403,7 +403,7 @@ class TensorBoardLogger(TrainerEvents):
             f"{matrix_markdown(matrix, names, initial)}\n\n{note}; tasks ended at: {ends}.",
             self.step,
         )
-        if matrix:
+        if matrix and figures:
             for tag, image in (
                 ("heatmap", accuracy_heatmap(matrix, names)),
                 ("per_task_curves", accuracy_curves(matrix, names, initial)),
