@@ -348,7 +348,10 @@ class _Run:
         if self.tb is None:
             return
         try:
-            self.tb.final(result, self.hparams, self.parts.figures) if status == "ok" else self.tb.failed(self.hparams, status)
+            if status == "ok":
+                self.tb.final(result, self.hparams, self.parts.figures)
+            else:
+                self.tb.failed(self.hparams, status)
         except Exception as e:  # noqa: BLE001 - figures are a view of the record
             print(f"warning: TensorBoard summary not written: {type(e).__name__}: {e}", file=sys.stderr)
 
