@@ -43,13 +43,12 @@ def check_count(key: str, value: Any, allow_none: bool = False) -> int | None:
 
 
 def check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    value = float(value) if number else value
-    inside = number and ((float(value) > lo if lo_open else float(value) >= lo) and float(value) <= hi)
     interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    if not inside:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"method.{key}={value!r} must be a number in {interval}")
     value = float(value)
+    if not ((value > lo if lo_open else value >= lo) and value <= hi):  # NaN fails here too
+        raise ValueError(f"method.{key}={value!r} must be a number in {interval}")
     if abs(value) > FLOAT32_MAX or (value != 0 and abs(value) < FLOAT32_TINY):
         raise ValueError(
             f"method.{key}={value!r} must be a number in {interval} that float32 can hold "
