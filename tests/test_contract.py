@@ -39,14 +39,14 @@ WITH_STRENGTH = [m for m in METHODS if OmegaConf.load(str(CONFIGS / "method" / f
 VARIANTS = METHODS + [
     f"{m}+method.fisher={k}" for m in ("ewc", "online_ewc") if m in METHODS for k in ("kfac", "dense")
 ]
-# small and fast, and large enough for every model: 2 tasks of digits padded to 32×32 (the CNNs'
-# kernels need more than 8×8), 24 training images per task
+# small and fast, and large enough for every model: 2 tasks of digits padded to 16×16 (the CNNs'
+# kernels need more than 8×8), 16 training and 16 test images per task
 SMALL = [
     "benchmark=split_digits",
     "benchmark.n_tasks=2",
-    "benchmark.pad=32",
-    "benchmark.max_train_per_task=24",
-    "benchmark.max_test_per_task=24",
+    "benchmark.pad=16",
+    "benchmark.max_train_per_task=16",
+    "benchmark.max_test_per_task=16",
     "epochs=1",
     "batch_size=8",
     "threads=1",

@@ -159,3 +159,17 @@ def test_clip_grad_norm_clips_the_whole_gradient_before_the_step():
             assert torch.allclose(step / step.norm(), free / free.norm(), atol=1e-5)  # same direction
         else:
             assert torch.equal(step, free)  # below the threshold: untouched
+
+
+def test_digits_read_directly_equal_sklearns_loader():
+    """cl-runner reads scikit-learn's bundled digits file itself (importing sklearn.datasets costs
+    0.7 s of a small run's start-up): the same images and labels as ``load_digits``."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from cl_runner.data.datasets import _sklearn_digits
+
+    images, target = _sklearn_digits()
+    bunch = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(target, bunch.target)

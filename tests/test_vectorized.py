@@ -18,8 +18,8 @@ SHORT = [
     "threads=1",
     "device=cpu",
     "benchmark.n_tasks=3",
-    "benchmark.max_train_per_task=300",
-    "benchmark.max_test_per_task=150",
+    "benchmark.max_train_per_task=120",
+    "benchmark.max_test_per_task=60",
 ]
 STACKABLE = ["finetune", "joint", "l2", "ewc", "online_ewc", "mas", "si"]
 REGULARIZED = ["l2", "ewc", "online_ewc", "mas", "si"]
