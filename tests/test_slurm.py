@@ -404,7 +404,7 @@ def test_cancel_one_running_and_one_pending_job(tmp_path):
     summarized: 0 cancelled with its finished tasks, 1 ok, 2 cancelled (a folder made for it)."""
     out = tmp_path / "sweep"
     proc = _sweep(
-        DIGITS, "iterations=20000,40,40", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={out}", wait=False
+        DIGITS, "iterations=4000,40,40", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={out}", wait=False
     )
     try:
         end = time.monotonic() + 420  # the whole test, bounded (CI; 2 cores shared with the other xdist worker)
@@ -453,7 +453,7 @@ def _squeue(array: str) -> list[list[str]]:
 
 LIMIT = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"]
 # requeued job: 5 short tasks (a few seconds each)
-SHORT = [DIGITS, "iterations=2000"]
+SHORT = [DIGITS, "iterations=1000"]
 # timeout job: 300 tasks of 200 steps, more than a 1-minute attempt can train on any machine, each task
 # short enough that the attempt finishes some on a slow one (30 tasks of 2000 steps finished none in CI,
 # its node's 2 cores shared with the requeued job and the other xdist worker)
