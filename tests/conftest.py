@@ -62,8 +62,22 @@ def defaults(method: str, **given):
     return {**options(OmegaConf.load(ROOT / "configs" / "method" / f"{method}.yaml")), **given}
 
 
+# groups of tests that run on one worker, one after another, longest first
+FIRST = ("slurm", "default_stream")
+
+
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist, the Slurm tests run on one worker, one after another (they share one cluster)."""
+    """Under pytest-xdist, the Slurm tests run on one worker, one after another (they share one cluster).
+    The long groups (the Slurm tests ≈ 2 minutes, mostly waiting for Slurm; the default stream's runs)
+    are handed out first, so that the other worker fills in beside them instead of one worker running
+    a whole group alone at the end (pytest-xdist hands out work in collection order)."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        name = (group.args[0] if group.args else group.kwargs.get("name")) if group else None
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each group and the rest keep their order
