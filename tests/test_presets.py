@@ -192,7 +192,7 @@ SHORT = [
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
-    from cl_runner.run import run_experiment
+    from cl_runner.run import RunParts, run_experiment
 
     methods = preset_methods(preset)
     assert len(methods) > 1
@@ -204,7 +204,8 @@ def test_every_preset_runs_shortened(preset, data_dir, tmp_path):
     for method in methods:
         cfg = compose(f"experiment={preset}", f"method={method}", f"data_dir={data_dir}", *SHORT, *fewer)
         out = tmp_path / method
-        result = run_experiment(cfg, out)
+        # no TensorBoard pictures (half of a 1-step run's time; tests/test_tb_extras.py reads them)
+        result = run_experiment(cfg, out, parts=RunParts(figures=False))
         on_disk = json.loads((out / "metrics.json").read_text())
         assert on_disk["status"] == "ok" and on_disk["method"] == method
         n_tasks = len(on_disk["task_names"])
