@@ -480,7 +480,7 @@ def test_time_limit_requeue_resumes_and_out_of_requeues_is_timeout(tmp_path):
         "seed=0", *SHORT, *LIMIT, "hydra.launcher.max_num_timeout=10", f"hydra.sweep.dir={requeue}", wait=False
     )
     try:
-        end = time.monotonic() + 600  # the whole test, bounded (CI); it takes 2-4 minutes on a free machine
+        end = time.monotonic() + 600  # the whole test, bounded (CI); 1-2 minutes on a free machine
         while not (_job_folder(requeue, 0) / "checkpoint.pt").is_file():
             assert p_requeue.poll() is None and time.monotonic() < end - 300, "the job saved no finished task in time"
             time.sleep(0.2)

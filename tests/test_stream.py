@@ -169,7 +169,20 @@ def test_digits_read_directly_equal_sklearns_loader():
 
     from cl_runner.data.datasets import _sklearn_digits
 
-    images, target = _sklearn_digits()
     bunch = load_digits()
+    images, target = _sklearn_digits()
     assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
     assert np.array_equal(target, bunch.target)
+
+
+def test_digits_fall_back_to_sklearns_loader_where_its_file_is_not(monkeypatch):
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from cl_runner.data.datasets import _sklearn_digits
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no file to read directly
+    images, target = _sklearn_digits()
+    assert np.array_equal(images, load_digits().images) and np.array_equal(target, load_digits().target)
